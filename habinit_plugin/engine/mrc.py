@@ -1,0 +1,135 @@
+"""MRC maps and image stacks (mrcfile), memory-mapped where it matters.
+
+Arrays are indexed [z, y, x] (maps) and [n, y, x] (stacks); voxel sizes in Angstrom.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+
+class MRCError(ValueError):
+    """An MRC file is missing or unreadable; the message names it."""
+
+
+def _open_header(path: str | Path):
+    path = str(path)
+    if not os.path.isfile(path):
+        raise MRCError(f"{path}: no such MRC file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return mrcfile.open(path, mode="r", header_only=True, permissive=True)
+    except Exception as exc:
+        raise MRCError(f"{path}: not a readable MRC file ({exc})") from exc
+
+
+def stack_shape(path: str | Path) -> tuple[int, int, int]:
+    """(n_images, ny, nx) of an MRC stack, read from the header alone."""
+    with _open_header(path) as mrc:
+        h = mrc.header
+        if h is None:
+            raise MRCError(f"{path}: MRC header is corrupt")
+        nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+    if nx <= 0 or ny <= 0 or nz <= 0:
+        raise MRCError(f"{path}: MRC header gives an empty shape ({nz}, {ny}, {nx})")
+    expected = 1024 + int(h.nsymbt) + nx * ny * nz * _mode_bytes(int(h.mode), path)
+    if os.path.getsize(path) < expected:
+        raise MRCError(
+            f"{path}: file is truncated ({os.path.getsize(path)} bytes, the header announces "
+            f"{nz} images of {ny} x {nx} needing {expected})"
+        )
+    return nz, ny, nx
+
+
+def _mode_bytes(mode: int, path) -> int:
+    sizes = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
+    if mode not in sizes:
+        raise MRCError(f"{path}: MRC mode {mode} is not supported (use 0, 1, 2, 6 or 12)")
+    return sizes[mode]
+
+
+def read_map(path: str | Path) -> tuple[np.ndarray, float]:
+    """A 3D map as float32 [z, y, x] and its voxel size in Angstrom (x axis)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise MRCError(f"{path}: no such map file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r", permissive=True) as mrc:
+                data = np.asarray(mrc.data, dtype=np.float32).copy()
+                voxel = float(mrc.voxel_size.x)
+    except Exception as exc:
+        raise MRCError(f"{path}: not a readable MRC map ({exc})") from exc
+    if data.ndim != 3 or len(set(data.shape)) != 1:
+        raise MRCError(f"{path}: expected a cubic 3D map, got shape {data.shape}")
+    return data, voxel
+
+
+def write_map(path: str | Path, volume: np.ndarray, voxel_size: float) -> None:
+    """Write a 3D map (ispg = 1, origin 0) atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with mrcfile.new(str(tmp), overwrite=True) as mrc:
+        mrc.set_data(np.ascontiguousarray(volume, dtype=np.float32))
+        mrc.set_volume()
+        mrc.voxel_size = voxel_size
+        mrc.update_header_stats()
+    os.replace(tmp, path)
+
+
+def new_stack(path: str | Path, n: int, box: int, pixel_size: float):
+    """Create an MRC stack of n float32 images and return it memory-mapped for writing."""
+    mrc = mrcfile.new_mmap(str(path), shape=(n, box, box), mrc_mode=2, overwrite=True)
+    mrc.set_image_stack()
+    mrc.voxel_size = pixel_size
+    return mrc
+
+
+class StackReader:
+    """Reads images from many MRC stacks through a small cache of memory maps."""
+
+    def __init__(self, max_open: int = 64):
+        self._open: OrderedDict[str, object] = OrderedDict()
+        self._max_open = max_open
+
+    def _data(self, path: str):
+        mrc = self._open.get(path)
+        if mrc is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    mrc = mrcfile.mmap(path, mode="r", permissive=True)
+            except Exception as exc:
+                raise MRCError(f"{path}: cannot open image stack ({exc})") from exc
+            self._open[path] = mrc
+            if len(self._open) > self._max_open:
+                _, old = self._open.popitem(last=False)
+                old.close()
+        else:
+            self._open.move_to_end(path)
+        data = mrc.data
+        return data if data.ndim == 3 else data[None]
+
+    def read(self, path: str, indices: np.ndarray) -> np.ndarray:
+        """Images ``indices`` (0-based) of one stack as float32 (n, ny, nx)."""
+        data = self._data(path)
+        order = np.argsort(indices)
+        out = np.empty((len(indices),) + data.shape[1:], dtype=np.float32)
+        out[order] = data[np.asarray(indices)[order]]
+        return out
+
+    def close(self) -> None:
+        for mrc in self._open.values():
+            mrc.close()
+        self._open.clear()
+
+    def __del__(self):
+        self.close()

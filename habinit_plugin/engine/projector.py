@@ -1,0 +1,152 @@
+"""Central-slice projection of a Fourier volume and its exact adjoint.
+
+The volume is a centred complex grid ``F`` of size G = oversampling * n (n: the
+real-space box it came from). Grid index ``G//2 + oversampling * k`` holds the
+frequency k, in Fourier pixels of that box. Slices are sampled with trilinear
+interpolation; :func:`backproject` is its exact transpose, so
+``<project(F, c), y> == <F, backproject(y, c)>``.
+
+Trilinear interpolation in Fourier space multiplies the real-space map by
+``sinc^2`` of the grid (per axis); :func:`volume_to_grid` divides that out before
+the FFT and :func:`grid_to_volume` after the inverse FFT ("gridding correction").
+"""
+
+from __future__ import annotations
+
+from .backend import array_module, scatter_add
+from .fourier import centered_fftn, centered_ifftn
+
+_CORNERS = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+
+
+def slice_coordinates(rotations, freqs):
+    """3D frequencies of 2D image frequencies under pose rotations.
+
+    rotations: (R, 3, 3) RELION pose matrices A; freqs: (M, 2) (kx, ky).
+    Returns (R, M, 3) float32 (kx, ky, kz) = A^T (kx, ky, 0).
+    """
+    xp = array_module(rotations)
+    a = xp.asarray(rotations, dtype=xp.float32)
+    f = xp.asarray(freqs, dtype=xp.float32)
+    return f[None, :, 0:1] * a[:, None, 0, :] + f[None, :, 1:2] * a[:, None, 1, :]
+
+
+def _sinc2_profile(box: int, grid_size: int, xp):
+    """sinc^2(x / G) for x = -box//2..box - box//2 - 1 voxels (the trilinear kernel's FT)."""
+    x = (xp.arange(box, dtype=xp.float64) - box // 2) / grid_size
+    return xp.sinc(x) ** 2
+
+
+def _gridding_profile(box: int, grid_size: int, xp):
+    """The separable real-space factor of trilinear interpolation, (box, box, box)."""
+    p = _sinc2_profile(box, grid_size, xp)
+    return (p[:, None, None] * p[None, :, None] * p[None, None, :]).astype(xp.float32)
+
+
+def volume_to_grid(volume, oversampling: int = 2):
+    """Real map (n, n, n) -> centred Fourier grid (G, G, G), G = oversampling * n.
+
+    The map is divided by the trilinear gridding profile and zero-padded, so that
+    slices sampled with :func:`project` match the true Fourier transform of the map.
+    """
+    xp = array_module(volume)
+    n = volume.shape[0]
+    size = oversampling * n
+    padded = xp.zeros((size,) * 3, dtype=xp.float32)
+    lo = size // 2 - n // 2
+    corrected = volume / _gridding_profile(n, size, xp)
+    padded[lo : lo + n, lo : lo + n, lo : lo + n] = corrected
+    return centered_fftn(padded).astype(xp.complex64)
+
+
+def grid_to_volume(grid, box: int, gridding_correction: bool = True):
+    """Centred Fourier grid (G, G, G) -> real map (box, box, box), inverse of :func:`volume_to_grid`.
+
+    ``gridding_correction`` divides by the trilinear profile (for grids made by
+    backprojection); without it the map is the plain inverse FFT, cropped.
+    """
+    xp = array_module(grid)
+    size = grid.shape[0]
+    lo = size // 2 - box // 2
+    volume = centered_ifftn(grid).real[lo : lo + box, lo : lo + box, lo : lo + box]
+    if gridding_correction:
+        volume = volume / _gridding_profile(box, size, xp)
+    return volume.astype(xp.float32)
+
+
+def _trilinear(coords, grid_size: int, oversampling: int):
+    """Base flat index and fractional offsets of the trilinear cell of each point.
+
+    coords: (...) x 3 frequencies (kx, ky, kz). Returns (base int32 or int64 (P,),
+    fx, fy, fz (P,) float32). Points are clamped into the grid.
+    """
+    xp = array_module(coords)
+    g = coords.reshape(-1, 3) * oversampling + grid_size // 2
+    g = xp.clip(g, 0, grid_size - 1.001)
+    g0 = xp.floor(g)
+    frac = (g - g0).astype(xp.float32)
+    i0 = g0.astype(xp.int64)
+    base = (i0[:, 2] * grid_size + i0[:, 1]) * grid_size + i0[:, 0]
+    if grid_size**3 < 2**31:
+        base = base.astype(xp.int32)
+    return base, frac[:, 0], frac[:, 1], frac[:, 2]
+
+
+def _corner_terms(fx, fy, fz, grid_size: int):
+    """Flat offset and weight of the 8 trilinear corners (generator)."""
+    for dz, dy, dx in _CORNERS:
+        offset = (dz * grid_size + dy) * grid_size + dx
+        wx = fx if dx else 1 - fx
+        wy = fy if dy else 1 - fy
+        wz = fz if dz else 1 - fz
+        yield offset, wx * wy * wz
+
+
+def project(grid, coords, oversampling: int):
+    """Sample the Fourier grid at 3D frequencies (trilinear interpolation).
+
+    grid: (G, G, G) complex (or real); coords: (..., 3) frequencies in Fourier pixels
+    of the box the grid was made from. Returns (...) values, same dtype as grid.
+    """
+    xp = array_module(grid)
+    size = grid.shape[0]
+    flat = grid.reshape(-1)
+    base, fx, fy, fz = _trilinear(coords, size, oversampling)
+    out = xp.zeros(base.shape, dtype=grid.dtype)
+    for offset, weight in _corner_terms(fx, fy, fz, size):
+        out += flat[base + offset] * weight
+    return out.reshape(coords.shape[:-1])
+
+
+def backproject(values, coords, grid_size: int, oversampling: int, out=None):
+    """Adjoint of :func:`project`: spread values onto the grid, summing (in place).
+
+    values: (...) complex or real; coords: (..., 3). ``out``: (G, G, G) array of the
+    values' kind to accumulate into (created when None). Returns ``out``.
+    """
+    xp = array_module(values)
+    if out is None:
+        out = xp.zeros((grid_size,) * 3, dtype=values.dtype)
+    flat = out.reshape(-1)
+    base, fx, fy, fz = _trilinear(coords, grid_size, oversampling)
+    vals = values.reshape(-1)
+    for offset, weight in _corner_terms(fx, fy, fz, grid_size):
+        scatter_add(flat, base + offset, vals * weight)
+    return out
+
+
+def hermitian_symmetrize(grid):
+    """``F(k) + conj(F(-k))`` for a centred grid (even size G).
+
+    Backprojecting only half-plane samples fills half of every central slice; this
+    adds the Friedel mates. The result is Hermitian on the grid (row 0 of each axis,
+    the unpaired frequency -G/2, is left as it is).
+    """
+    xp = array_module(grid)
+    mate = xp.flip(grid[1:, 1:, 1:], axis=(0, 1, 2))
+    out = grid.copy()
+    if xp.iscomplexobj(grid):
+        out[1:, 1:, 1:] += xp.conj(mate)
+    else:
+        out[1:, 1:, 1:] += mate
+    return out

@@ -1,0 +1,169 @@
+"""Direct (Wiener) reconstruction of a map from particles with known poses.
+
+With D = sum_i P_i^T (C_i X_i / s2) (backprojected CTF-weighted data) and
+W = sum_i P_i^T (C_i^2 / s2) (backprojected weights), the map's Fourier grid is
+``D / (W + 1/tau2)``, where tau2 is the signal power prior per shell; from the
+half-map FSC, ``W * tau2 = FSC / (1 - FSC)`` on average over a shell (RELION).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import array_module, to_numpy
+from .ctf import evaluate_ctf
+from .fourier import (
+    half_plane_frequencies,
+    image_rfft,
+    phase_shift,
+    radial_shells,
+    sample_spectra,
+    shell_mean,
+)
+from .fsc import fsc, ssnr_from_fsc
+from .projector import backproject, grid_to_volume, hermitian_symmetrize, slice_coordinates
+
+
+def particle_spectra(images, freqs, origins):
+    """Centred half-plane spectra of particle images.
+
+    images: (B, N, N) real; freqs: (M, 2); origins: (B, 2) RELION origins in pixels
+    (particle centre at N//2 - origin). Returns (B, M) complex64 spectra of the
+    images translated by +origin, i.e. with the particle at the box centre.
+    """
+    box = images.shape[-1]
+    return sample_spectra(image_rfft(images), freqs) * phase_shift(freqs, origins, box)
+
+
+def reconstruction_frequencies(box: int) -> np.ndarray:
+    """Half-plane frequencies used for a full-resolution reconstruction: |k| <= N/2 - 1."""
+    return half_plane_frequencies(box // 2 - 1)
+
+
+@dataclass
+class Backprojection:
+    """Running Wiener sums on a centred Fourier grid of size oversampling * box.
+
+    data: (G, G, G) complex64 sum of P^T (C X / s2); weight: (G, G, G) float32 sum
+    of P^T (C^2 / s2). Only half-plane samples are inserted: :meth:`symmetric`
+    completes them with their Friedel mates.
+    """
+
+    data: object
+    weight: object
+    box: int
+    oversampling: int
+
+    @classmethod
+    def zeros(cls, box: int, oversampling: int = 2, xp=np) -> Backprojection:
+        size = box * oversampling
+        return cls(
+            xp.zeros((size,) * 3, dtype=xp.complex64), xp.zeros((size,) * 3, dtype=xp.float32), box, oversampling
+        )
+
+    def insert(self, spectra, ctf, rotations, freqs, inv_noise=None) -> None:
+        """Add particles: spectra (B, M) centred, ctf (B, M), rotations (B, 3, 3), freqs (M, 2).
+
+        inv_noise: optional 1/s2 per frequency, (M,) or (B, M).
+        """
+        xp = array_module(spectra)
+        coords = slice_coordinates(xp.asarray(rotations), xp.asarray(freqs))
+        weight = ctf if inv_noise is None else ctf * inv_noise
+        size = self.data.shape[0]
+        backproject((weight * spectra).astype(xp.complex64), coords, size, self.oversampling, out=self.data)
+        backproject((weight * ctf).astype(xp.float32), coords, size, self.oversampling, out=self.weight)
+
+    def symmetric(self):
+        """(data, weight) with the Friedel mates of every inserted sample added."""
+        return hermitian_symmetrize(self.data), hermitian_symmetrize(self.weight)
+
+
+def grid_shells(size: int, oversampling: int, xp=np):
+    """Shell index (Fourier pixels of the box) of every voxel of a grid of ``size``."""
+    radius = radial_shells((size,) * 3, xp).astype(xp.float32) / oversampling
+    return xp.rint(radius).astype(xp.int32)
+
+
+def shell_weight_means(weight, oversampling: int, n_shells: int):
+    """Mean backprojected weight per shell, (n_shells,) on the grid's device."""
+    shells = grid_shells(weight.shape[0], oversampling, array_module(weight))
+    return shell_mean(weight, shells, n_shells)
+
+
+def regularisation(weight, oversampling: int, tau2) -> object:
+    """Per-voxel 1/tau2 for a grid of weights, from tau2 per shell (n_shells,).
+
+    Shells beyond the end of ``tau2`` get a prior that zeroes them.
+    """
+    xp = array_module(weight)
+    tau2 = xp.asarray(tau2, dtype=xp.float64)
+    shells = grid_shells(weight.shape[0], oversampling, xp)
+    inv = xp.concatenate([1.0 / xp.maximum(tau2, 1e-30), xp.asarray([1e30])])
+    return inv[xp.minimum(shells, len(tau2))].astype(xp.float32)
+
+
+def tau2_from_fsc(fsc_curve, weight, oversampling: int):
+    """Signal prior per shell from the half-map FSC: SSNR / mean shell weight (RELION)."""
+    xp = array_module(weight)
+    n = len(fsc_curve)
+    mean_w = shell_weight_means(weight, oversampling, n)
+    return xp.asarray(ssnr_from_fsc(fsc_curve)) / xp.maximum(mean_w, 1e-30)
+
+
+def wiener_map(bp: Backprojection, tau2=None, relative_floor: float = 1e-3):
+    """Real-space map (box, box, box) float32 from backprojection sums.
+
+    tau2: signal prior per shell (Fourier pixels of the box); None gives a nearly
+    unregularised map (1/tau2 = relative_floor * mean shell weight).
+    """
+    xp = array_module(bp.data)
+    data, weight = bp.symmetric()
+    if tau2 is None:
+        mean_w = shell_weight_means(weight, bp.oversampling, bp.box // 2 + 1)
+        tau2 = 1.0 / (relative_floor * xp.maximum(mean_w, 1e-30))
+    grid = data / (weight + regularisation(weight, bp.oversampling, tau2))
+    return grid_to_volume(grid, bp.box)
+
+
+def gold_standard_maps(bp_a: Backprojection, bp_b: Backprojection):
+    """Half maps regularised by their own FSC, as RELION does.
+
+    Returns (map_a, map_b, fsc_curve) where the curve (host, box//2 + 1 shells) is
+    the FSC of the nearly unregularised half maps used to set the prior.
+    """
+    raw_a, raw_b = wiener_map(bp_a), wiener_map(bp_b)
+    curve = fsc(raw_a, raw_b)
+    maps = []
+    for bp in (bp_a, bp_b):
+        _, weight = bp.symmetric()
+        maps.append(wiener_map(bp, tau2_from_fsc(curve, weight, bp.oversampling)))
+    return maps[0], maps[1], curve
+
+
+def reconstruct_half_maps(particles, half_set, xp=np, batch_size: int = 1000, oversampling: int = 2, log=None):
+    """Wiener half maps of a particle set from its poses.
+
+    particles: ParticleSet with rotations and shifts; half_set: (P,) values 1 or 2.
+    Returns (map_a, map_b, fsc_curve), maps as host float32 (box, box, box).
+    """
+    if particles.rotations is None:
+        raise ValueError(f"{particles.source}: particles have no poses (_rlnAngleRot/Tilt/Psi) to reconstruct from")
+    box = particles.box
+    freqs = reconstruction_frequencies(box)
+    freqs_dev = xp.asarray(freqs)
+    halves = {1: Backprojection.zeros(box, oversampling, xp), 2: Backprojection.zeros(box, oversampling, xp)}
+    for start in range(0, len(particles), batch_size):
+        index = np.arange(start, min(start + batch_size, len(particles)))
+        images = xp.asarray(particles.read_images(index))
+        ctf = evaluate_ctf(particles.ctf.subset(index).to(xp), freqs_dev, particles.pixel_size, box)
+        spectra = particle_spectra(images, freqs_dev, xp.asarray(particles.shifts[index]))
+        for half, bp in halves.items():
+            mine = xp.asarray(np.flatnonzero(half_set[index] == half))
+            if len(mine):
+                bp.insert(spectra[mine], ctf[mine], xp.asarray(particles.rotations[index])[mine], freqs_dev)
+        if log is not None:
+            log(f"backprojected {index[-1] + 1}/{len(particles)} particles")
+    map_a, map_b, curve = gold_standard_maps(halves[1], halves[2])
+    return to_numpy(map_a), to_numpy(map_b), curve

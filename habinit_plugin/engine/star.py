@@ -1,0 +1,161 @@
+"""STAR tables (RELION metadata) read with emtable, kept as text.
+
+Values stay the text that was read, so that columns the engine does not use are
+written back unchanged. Numeric access goes through :meth:`StarBlock.floats` and
+:meth:`StarBlock.ints`, whose errors name the file, the column and the row.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class StarError(ValueError):
+    """A STAR file cannot be used; the message names the file, block, column or row."""
+
+
+@dataclass
+class StarBlock:
+    """One ``data_<name>`` block as text: columns (labels without '_') and rows."""
+
+    name: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    source: str = "<memory>"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def has(self, column: str) -> bool:
+        return column in self.columns
+
+    def text(self, column: str) -> list[str]:
+        """The values of ``column`` as text; StarError when the column is absent."""
+        if column not in self.columns:
+            raise StarError(f"{self.source}: block data_{self.name} has no column _{column}")
+        j = self.columns.index(column)
+        return [row[j] for row in self.rows]
+
+    def floats(self, column: str, default: float | None = None) -> np.ndarray:
+        """Column as float64; ``default`` fills a missing column (else StarError)."""
+        if column not in self.columns:
+            if default is None:
+                raise StarError(f"{self.source}: block data_{self.name} has no column _{column}")
+            return np.full(len(self.rows), default, dtype=np.float64)
+        values = self.text(column)
+        try:
+            return np.array(values, dtype=np.float64)
+        except ValueError:
+            for i, v in enumerate(values):
+                try:
+                    float(v)
+                except ValueError:
+                    raise StarError(
+                        f"{self.source}: data_{self.name} row {i + 1}: _{column} = {v!r} is not a number"
+                    ) from None
+            raise
+
+    def ints(self, column: str) -> np.ndarray:
+        values = self.floats(column)
+        if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
+            bad = int(np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))[0])
+            raise StarError(
+                f"{self.source}: data_{self.name} row {bad + 1}: _{column} = "
+                f"{self.rows[bad][self.columns.index(column)]!r} is not an integer"
+            )
+        return values.astype(np.int64)
+
+    def set_column(self, column: str, values) -> None:
+        """Replace or append a column (values are formatted as text)."""
+        texts = [_format(v) for v in values]
+        if len(texts) != len(self.rows):
+            raise ValueError(f"column _{column}: {len(texts)} values for {len(self.rows)} rows")
+        if column in self.columns:
+            j = self.columns.index(column)
+            for row, t in zip(self.rows, texts):
+                row[j] = t
+        else:
+            self.columns.append(column)
+            for row, t in zip(self.rows, texts):
+                row.append(t)
+
+    def drop_columns(self, names) -> None:
+        keep = [j for j, c in enumerate(self.columns) if c not in set(names)]
+        self.columns = [self.columns[j] for j in keep]
+        self.rows = [[row[j] for j in keep] for row in self.rows]
+
+    def take(self, index) -> StarBlock:
+        """A new block with the rows at ``index`` (copied)."""
+        return StarBlock(self.name, list(self.columns), [list(self.rows[i]) for i in index], self.source)
+
+
+def _format(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.6f}"
+    return str(value)
+
+
+def block_names(path: str | Path) -> list[str]:
+    """Names of the ``data_`` blocks of a STAR file, in order."""
+    names = []
+    with open(path) as f:
+        for line in f:
+            if line.startswith("data_"):
+                names.append(line.strip()[5:])
+    return names
+
+
+def read_star(path: str | Path) -> dict[str, StarBlock]:
+    """All blocks of a STAR file, by name (``''`` for an unnamed ``data_``)."""
+    from emtable import Table  # noqa: PLC0415
+
+    path = str(path)
+    if not os.path.isfile(path):
+        raise StarError(f"{path}: no such STAR file")
+    blocks = {}
+    try:
+        names = block_names(path)
+        if not names:
+            raise StarError(f"{path}: no data_ block found (is this a STAR file?)")
+        for name in names:
+            table = Table()
+            with open(path) as f:  # one pass per block: emtable may consume the next header
+                table.readStar(f, name, guessType=False)
+            rows = [list(r) for r in table]
+            blocks[name] = StarBlock(name, table.getColumnNames(), rows, path)
+    except StarError:
+        raise
+    except Exception as exc:  # emtable raises bare Exceptions on malformed files
+        raise StarError(f"{path}: cannot be parsed as STAR ({exc})") from exc
+    return blocks
+
+
+def write_star(path: str | Path, blocks: list[StarBlock]) -> None:
+    """Write blocks as a RELION 3.1 STAR file (atomically: temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for block in blocks:
+            f.write(f"\n# version 30001\n\ndata_{block.name}\n\nloop_\n")
+            for j, column in enumerate(block.columns):
+                f.write(f"_{column} #{j + 1}\n")
+            rows = [[_quote(v) for v in row] for row in block.rows]
+            widths = [max(len(v) for v in col) for col in zip(*rows)] if rows else []
+            for row in rows:
+                f.write(" ".join(v.rjust(w) for v, w in zip(row, widths)) + "\n")
+            f.write("\n")
+    os.replace(tmp, path)
+
+
+def _quote(value: str) -> str:
+    if value == "" or any(c.isspace() for c in value):
+        return '"' + value.replace('"', "") + '"'
+    return value

@@ -1,0 +1,163 @@
+"""Bad particle input: one clear error naming the file, row or column."""
+
+import subprocess
+import sys
+
+import mrcfile
+import numpy as np
+import pytest
+
+from habinit_plugin.engine.particles import ParticleError, load_particles
+from habinit_plugin.engine.star import StarBlock, write_star
+
+OPTICS = [
+    "rlnOpticsGroup",
+    "rlnOpticsGroupName",
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+    "rlnImagePixelSize",
+    "rlnImageSize",
+    "rlnImageDimensionality",
+]
+
+
+def make_stack(path, n=4, shape=(16, 16), nan_at=None):
+    data = np.random.default_rng(0).normal(size=(n, *shape)).astype(np.float32)
+    if nan_at is not None:
+        data[nan_at, 3, 3] = np.nan
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(data)
+        mrc.set_image_stack()
+    return path
+
+
+def make_star(folder, stack="stack.mrcs", n=4, drop=(), optics_rows=None, group_of=None, names=None):
+    optics = StarBlock("optics", list(OPTICS), optics_rows or [["1", "g1", "300", "2.7", "0.1", "1.5", "16", "2"]])
+    table = StarBlock("particles", [], [[] for _ in range(n)])
+    table.set_column("rlnImageName", names or [f"{i + 1:06d}@{stack}" for i in range(n)])
+    table.set_column("rlnOpticsGroup", group_of if group_of is not None else [1] * n)
+    table.set_column("rlnDefocusU", [15000.0] * n)
+    table.set_column("rlnDefocusV", [14000.0] * n)
+    table.set_column("rlnDefocusAngle", [10.0] * n)
+    table.set_column("rlnImageId", list(range(101, 101 + n)))
+    optics.drop_columns(drop)
+    table.drop_columns(drop)
+    path = folder / "particles.star"
+    write_star(path, [optics, table])
+    return path
+
+
+@pytest.fixture
+def good(tmp_path):
+    make_stack(tmp_path / "stack.mrcs")
+    return tmp_path
+
+
+def test_good_input_loads(good):
+    particles = load_particles(make_star(good))
+    assert len(particles) == 4 and particles.box == 16
+    assert particles.read_images([0, 3]).shape == (2, 16, 16)
+
+
+def test_missing_stack(good):
+    path = make_star(good, stack="nowhere/missing.mrcs")
+    with pytest.raises(ParticleError, match=r"row 1: image stack 'nowhere/missing.mrcs' not found"):
+        load_particles(path)
+
+
+def test_index_past_end_of_stack(good):
+    names = ["000001@stack.mrcs", "000002@stack.mrcs", "000009@stack.mrcs", "000003@stack.mrcs"]
+    with pytest.raises(ParticleError, match=r"row 3: image 9@stack.mrcs is past the end .* holds 4 image"):
+        load_particles(make_star(good, names=names))
+
+
+def test_missing_defocus_column(good):
+    with pytest.raises(ParticleError, match=r"missing CTF column _rlnDefocusU"):
+        load_particles(make_star(good, drop=["rlnDefocusU"]))
+
+
+def test_missing_voltage_column(good):
+    with pytest.raises(ParticleError, match=r"missing CTF column _rlnVoltage .*data_optics"):
+        load_particles(make_star(good, drop=["rlnVoltage"]))
+
+
+def test_mixed_pixel_sizes(good):
+    rows = [["1", "g1", "300", "2.7", "0.1", "1.5", "16", "2"], ["2", "g2", "300", "2.7", "0.1", "1.2", "16", "2"]]
+    with pytest.raises(ParticleError, match=r"mixed pixel sizes \(1.2, 1.5 A\)"):
+        load_particles(make_star(good, optics_rows=rows, group_of=[1, 2, 1, 2]))
+
+
+def test_unknown_optics_group(good):
+    with pytest.raises(ParticleError, match=r"optics group\(s\) \[7\] absent"):
+        load_particles(make_star(good, group_of=[1, 7, 1, 1]))
+
+
+def test_non_square_images(tmp_path):
+    make_stack(tmp_path / "stack.mrcs", shape=(16, 20))
+    with pytest.raises(ParticleError, match=r"stack.mrcs: images are not square \(16 x 20"):
+        load_particles(make_star(tmp_path))
+
+
+def test_odd_box(tmp_path):
+    make_stack(tmp_path / "stack.mrcs", shape=(15, 15))
+    with pytest.raises(ParticleError, match=r"box size is odd \(15 pixels\)"):
+        load_particles(make_star(tmp_path))
+
+
+def test_nan_pixels_name_the_particle(tmp_path):
+    make_stack(tmp_path / "stack.mrcs", nan_at=2)
+    particles = load_particles(make_star(tmp_path))
+    particles.read_images([0, 1])  # clean ones are fine
+    expected = r"particle 103 \(row 3 of .*particles.star, image 3@.*stack.mrcs\) contains NaN"
+    with pytest.raises(ParticleError, match=expected):
+        particles.read_images([0, 2])
+
+
+def test_truncated_stack(good):
+    stack = good / "stack.mrcs"
+    data = stack.read_bytes()
+    stack.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ParticleError, match=r"stack.mrcs: file is truncated"):
+        load_particles(make_star(good))
+
+
+def test_not_an_mrc_file(good):
+    (good / "stack.mrcs").write_bytes(b"this is not an MRC file" * 10)
+    with pytest.raises(ParticleError, match=r"stack.mrcs"):
+        load_particles(make_star(good))
+
+
+def test_non_numeric_value_names_row_and_column(good):
+    path = make_star(good)
+    text = path.read_text().replace("15000.000000", "abc", 1)
+    path.write_text(text)
+    with pytest.raises(ParticleError, match=r"row 1: _rlnDefocusU = 'abc' is not a number"):
+        load_particles(path)
+
+
+def test_missing_star_file(tmp_path):
+    with pytest.raises(ParticleError, match=r"no such particles file"):
+        load_particles(tmp_path / "nothing.star")
+
+
+def test_cli_reports_one_clear_error(good, tmp_path):
+    path = make_star(good, drop=["rlnDefocusU"])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "habinit_plugin.engine",
+            "reconstruct",
+            "--particles",
+            str(path),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "error: " in result.stderr and "_rlnDefocusU" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
