@@ -16,8 +16,6 @@ from __future__ import annotations
 from .backend import array_module, scatter_add
 from .fourier import centered_fftn, centered_ifftn
 
-_CORNERS = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
-
 
 def slice_coordinates(rotations, freqs):
     """3D frequencies of 2D image frequencies under pose rotations.
@@ -28,7 +26,7 @@ def slice_coordinates(rotations, freqs):
     xp = array_module(rotations)
     a = xp.asarray(rotations, dtype=xp.float32)
     f = xp.asarray(freqs, dtype=xp.float32)
-    return f[None, :, 0:1] * a[:, None, 0, :] + f[None, :, 1:2] * a[:, None, 1, :]
+    return xp.matmul(f[None, :, :], a[:, :2, :])
 
 
 def _sinc2_profile(box: int, grid_size: int, xp):
@@ -77,29 +75,24 @@ def grid_to_volume(grid, box: int, gridding_correction: bool = True):
 def _trilinear(coords, grid_size: int, oversampling: int):
     """Base flat index and fractional offsets of the trilinear cell of each point.
 
-    coords: (...) x 3 frequencies (kx, ky, kz). Returns (base int32 or int64 (P,),
-    fx, fy, fz (P,) float32). Points are clamped into the grid.
+    coords: (..., 3) frequencies (kx, ky, kz). Returns base (P,) int32 (int64 for huge
+    grids) and fx, fy, fz (P,) float32. Points are clamped into the grid.
     """
     xp = array_module(coords)
-    g = coords.reshape(-1, 3) * oversampling + grid_size // 2
-    g = xp.clip(g, 0, grid_size - 1.001)
-    g0 = xp.floor(g)
-    frac = (g - g0).astype(xp.float32)
-    i0 = g0.astype(xp.int64)
+    g = coords.reshape(-1, 3).astype(xp.float32) * xp.float32(oversampling) + xp.float32(grid_size // 2)
+    xp.clip(g, 0, grid_size - 1.001, out=g)
+    index_type = xp.int32 if grid_size**3 < 2**31 else xp.int64
+    i0 = g.astype(index_type)  # floor: g >= 0
+    frac = g - i0.astype(xp.float32)
     base = (i0[:, 2] * grid_size + i0[:, 1]) * grid_size + i0[:, 0]
-    if grid_size**3 < 2**31:
-        base = base.astype(xp.int32)
-    return base, frac[:, 0], frac[:, 1], frac[:, 2]
+    return base, frac[:, 0].copy(), frac[:, 1].copy(), frac[:, 2].copy()
 
 
-def _corner_terms(fx, fy, fz, grid_size: int):
-    """Flat offset and weight of the 8 trilinear corners (generator)."""
-    for dz, dy, dx in _CORNERS:
-        offset = (dz * grid_size + dy) * grid_size + dx
-        wx = fx if dx else 1 - fx
-        wy = fy if dy else 1 - fy
-        wz = fz if dz else 1 - fz
-        yield offset, wx * wy * wz
+def _yz_corners(fy, fz, grid_size: int):
+    """Flat offset and weight of the 4 (y, z) corners of the cell (generator)."""
+    for dz, wz in ((0, 1 - fz), (1, fz)):
+        for dy, wy in ((0, 1 - fy), (1, fy)):
+            yield (dz * grid_size + dy) * grid_size, wz * wy
 
 
 def project(grid, coords, oversampling: int):
@@ -112,9 +105,12 @@ def project(grid, coords, oversampling: int):
     size = grid.shape[0]
     flat = grid.reshape(-1)
     base, fx, fy, fz = _trilinear(coords, size, oversampling)
+    gx = 1 - fx
     out = xp.zeros(base.shape, dtype=grid.dtype)
-    for offset, weight in _corner_terms(fx, fy, fz, size):
-        out += flat[base + offset] * weight
+    for offset, weight in _yz_corners(fy, fz, size):
+        low = flat.take(base + offset)
+        high = flat.take(base + (offset + 1))
+        out += (low * gx + high * fx) * weight
     return out.reshape(coords.shape[:-1])
 
 
@@ -130,8 +126,11 @@ def backproject(values, coords, grid_size: int, oversampling: int, out=None):
     flat = out.reshape(-1)
     base, fx, fy, fz = _trilinear(coords, grid_size, oversampling)
     vals = values.reshape(-1)
-    for offset, weight in _corner_terms(fx, fy, fz, grid_size):
-        scatter_add(flat, base + offset, vals * weight)
+    gx = 1 - fx
+    for offset, weight in _yz_corners(fy, fz, grid_size):
+        weighted = vals * weight
+        scatter_add(flat, base + offset, weighted * gx)
+        scatter_add(flat, base + (offset + 1), weighted * fx)
     return out
 
 

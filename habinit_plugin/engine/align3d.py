@@ -1,0 +1,245 @@
+"""Rigid alignment of two maps, mirror hand included.
+
+An :class:`Alignment` maps the moving map onto the reference:
+``aligned(x) = moving(M^T (x - t))`` with M orthogonal (a rotation, or a rotation
+times -1 when ``mirrored``) and t a translation in voxels (x, y, z) of the full box.
+
+Search: both maps are Fourier-cropped and low-passed; every rotation of a Hopf grid
+(level 2, about 15 degrees), in both hands, is scored by the peak of the 3D
+cross-correlation over translations (one inverse FFT per rotation). The best
+candidates are refined by local rotation steps that halve, at a higher resolution,
+with sub-voxel translations from a parabolic fit of the correlation peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import array_module, fft_kwargs, fft_module, to_numpy
+from .fourier import centered_fftn, centered_ifftn, resample_volume
+from .projector import project, volume_to_grid
+from .so3 import grid_rotations, rotvec_to_matrix
+
+
+@dataclass
+class Alignment:
+    """moving -> reference: matrix (3, 3) orthogonal, shift (3,) voxels (x, y, z), score in [-1, 1]."""
+
+    matrix: np.ndarray = field(default_factory=lambda: np.eye(3))
+    shift: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    score: float = 0.0
+
+    @property
+    def mirrored(self) -> bool:
+        return bool(np.linalg.det(self.matrix) < 0)
+
+    @property
+    def rotation(self) -> np.ndarray:
+        """The proper rotation R with matrix = R (direct) or -R (mirrored)."""
+        return -self.matrix if self.mirrored else self.matrix
+
+    def to_dict(self) -> dict:
+        return {
+            "matrix": self.matrix.tolist(),
+            "shift_voxels": self.shift.tolist(),
+            "mirrored": self.mirrored,
+            "score": self.score,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Alignment:
+        return cls(
+            np.array(d["matrix"], dtype=np.float64),
+            np.array(d["shift_voxels"], dtype=np.float64),
+            float(d.get("score", 0.0)),
+        )
+
+    def then(self, other: Alignment) -> Alignment:
+        """The composition: first self, then ``other``."""
+        return Alignment(other.matrix @ self.matrix, other.matrix @ self.shift + other.shift, other.score)
+
+
+def transform_map(volume, alignment: Alignment, oversampling: int = 2):
+    """Apply an alignment to a map (N, N, N) in Fourier space (trilinear on a padded grid)."""
+    xp = array_module(volume)
+    n = volume.shape[0]
+    grid = volume_to_grid(xp.asarray(volume, dtype=xp.float32), oversampling)
+    k = _grid_frequencies(n, xp)  # (N^3, 3) frequencies (x, y, z)
+    values = _rotated_samples(grid, oversampling, k, alignment.matrix)
+    t = xp.asarray(alignment.shift, dtype=xp.float32)
+    values = values * xp.exp((-2j * np.pi / n) * (k @ t)).astype(xp.complex64)
+    return centered_ifftn(values.reshape(n, n, n)).real.astype(xp.float32)
+
+
+def _grid_frequencies(n: int, xp):
+    axis = xp.arange(n, dtype=xp.float32) - n // 2
+    z, y, x = xp.meshgrid(axis, axis, axis, indexing="ij")
+    return xp.stack([x.ravel(), y.ravel(), z.ravel()], axis=1)
+
+
+def _rotated_samples(grid, oversampling, k, matrix):
+    """F'(k) of the map turned by ``matrix`` (proper or improper): F(R^T k), conjugated if improper."""
+    xp = array_module(grid)
+    m = np.asarray(matrix, dtype=np.float64)
+    mirrored = np.linalg.det(m) < 0
+    r = -m if mirrored else m
+    coords = k @ xp.asarray(r, dtype=xp.float32)  # rows: R^T k
+    values = project(grid, coords, oversampling)
+    return xp.conj(values) if mirrored else values
+
+
+@dataclass
+class AlignSettings:
+    """Resolutions in Angstrom; boxes in pixels."""
+
+    coarse_resolution: float = 15.0
+    fine_resolution: float = 8.0
+    coarse_box: int = 24
+    fine_box: int = 48
+    level: int = 2
+    candidates: int = 4
+    refine_steps: int = 5
+    initial_step: float = 8.0  # degrees
+    allow_mirror: bool = True
+
+
+def align_maps(reference, moving, pixel_size: float, settings: AlignSettings | None = None, xp=None) -> Alignment:
+    """Find the alignment that puts ``moving`` onto ``reference`` (both (N, N, N))."""
+    settings = settings or AlignSettings()
+    xp = xp or array_module(reference)
+    reference = xp.asarray(reference, dtype=xp.float32)
+    moving = xp.asarray(moving, dtype=xp.float32)
+    n = reference.shape[0]
+    coarse = _Problem(reference, moving, pixel_size, min(settings.coarse_box, n), settings.coarse_resolution)
+    hands = [np.eye(3)] + ([-np.eye(3)] if settings.allow_mirror else [])
+    rotations = grid_rotations(settings.level)
+    scored = []
+    for hand in hands:
+        matrices = rotations @ hand
+        scores, shifts = coarse.score(matrices, exact=False)
+        top = np.argsort(-scores)[: settings.candidates]
+        scored += [(float(scores[i]), matrices[i], shifts[i]) for i in top]
+    fine = _Problem(reference, moving, pixel_size, min(settings.fine_box, n), settings.fine_resolution)
+    best = None
+    for _, matrix, _ in sorted(scored, key=lambda s: -s[0])[: 2 * settings.candidates]:
+        refined = _refine(fine, matrix, settings)
+        if best is None or refined.score > best.score:
+            best = refined
+    return best
+
+
+class _Problem:
+    """Two maps cropped to ``box`` and low-passed to ``resolution``, ready to score rotations."""
+
+    def __init__(self, reference, moving, pixel_size: float, box: int, resolution: float):
+        xp = array_module(reference)
+        n = reference.shape[0]
+        self.xp = xp
+        self.box = box
+        self.scale = n / box  # full-box voxels per working voxel
+        radius = min(n * pixel_size / resolution, box // 2 - 1)
+        ref = centered_fftn(resample_volume(reference, box))
+        self.k = _grid_frequencies(box, xp)
+        keep = xp.sqrt((self.k**2).sum(axis=1)) <= radius
+        self.keep = keep
+        self.k_in = self.k[keep]
+        # flat positions of the kept frequencies in the unshifted FFT layout
+        wrapped = (self.k_in.astype(xp.int64) + box) % box
+        self.fft_index = (wrapped[:, 2] * box + wrapped[:, 1]) * box + wrapped[:, 0]
+        self.ref = ref.reshape(-1)[keep]
+        self.ref_norm = float(xp.sqrt((xp.abs(self.ref) ** 2).sum()))
+        self.grid = volume_to_grid(resample_volume(moving, box), 2)
+
+    def score(self, matrices, chunk: int = 256, exact: bool = True):
+        """Normalised correlation peak over translations and the shift (voxels of the full box).
+
+        matrices: (R, 3, 3) all proper or all improper. ``exact`` re-evaluates the
+        correlation at the sub-voxel shift (for fine ranking); otherwise the value at
+        the whole-voxel peak is used.
+        """
+        xp = self.xp
+        fft = fft_module(xp)
+        box = self.box
+        scores = np.empty(len(matrices))
+        shifts = np.empty((len(matrices), 3))
+        for start in range(0, len(matrices), chunk):
+            part = np.asarray(matrices[start : start + chunk])
+            mirrored = np.linalg.det(part[0]) < 0
+            rot = xp.asarray(-part if mirrored else part, dtype=xp.float32)
+            rotated = project(self.grid, xp.matmul(self.k_in[None], rot), 2)  # (r, K): F(R^T k)
+            if mirrored:
+                rotated = xp.conj(rotated)
+            norms = to_numpy(xp.sqrt((xp.abs(rotated) ** 2).sum(axis=1)))
+            product = xp.zeros((len(part), box**3), dtype=xp.complex64)
+            product[:, self.fft_index] = self.ref[None, :] * xp.conj(rotated)
+            cc = fft.ifftn(product.reshape(-1, box, box, box), axes=(1, 2, 3), **fft_kwargs(xp)).real
+            peak = to_numpy(xp.argmax(cc.reshape(len(part), -1), axis=1))
+            cc_host = to_numpy(cc)
+            t = np.empty((len(part), 3))
+            for j in range(len(part)):
+                pz, py, px = np.unravel_index(peak[j], (box, box, box))
+                offset = _subvoxel(cc_host[j], (pz, py, px))
+                t[j] = (np.array([px, py, pz]) + offset[::-1] + box // 2) % box - box // 2
+            if exact:
+                # the correlation at the sub-voxel shift, so that rotations are not ranked by how
+                # close their shift happens to fall to a whole voxel
+                phases = xp.exp((2j * np.pi / box) * (self.k_in @ xp.asarray(t.T, dtype=xp.float32)))  # (K, r)
+                cross = to_numpy(xp.real((self.ref[:, None] * xp.conj(rotated.T)) * phases).sum(axis=0))
+            else:
+                cross = cc_host.reshape(len(part), -1)[np.arange(len(part)), peak] * box**3
+            scores[start : start + len(part)] = cross / np.maximum(self.ref_norm * norms, 1e-30)
+            shifts[start : start + len(part)] = t * self.scale
+        return scores, shifts
+
+
+def _subvoxel(cc, peak):
+    """Parabolic refinement of a correlation peak along each axis, (dz, dy, dx) in voxels."""
+    out = np.zeros(3)
+    for axis in range(3):
+        idx = list(peak)
+        vals = []
+        for d in (-1, 0, 1):
+            idx[axis] = (peak[axis] + d) % cc.shape[axis]
+            vals.append(cc[tuple(idx)])
+        denom = vals[0] - 2 * vals[1] + vals[2]
+        if denom < 0:
+            out[axis] = float(np.clip(0.5 * (vals[0] - vals[2]) / denom, -0.5, 0.5))
+    return out
+
+
+def _refine(problem: _Problem, matrix, settings: AlignSettings) -> Alignment:
+    """Greedy local rotation search with halving steps (27 perturbations per step)."""
+    current = np.asarray(matrix, dtype=np.float64)
+    scores, shifts = problem.score(current[None])
+    best = Alignment(current, shifts[0], float(scores[0]))
+    step = settings.initial_step
+    for _ in range(settings.refine_steps):
+        offsets = np.array([0.0, -1.0, 1.0]) * np.deg2rad(step)
+        vecs = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
+        candidates = rotvec_to_matrix(vecs) @ best.matrix  # keeps the hand of best.matrix
+        scores, shifts = problem.score(candidates)
+        i = int(np.argmax(scores))
+        if scores[i] > best.score:
+            best = Alignment(candidates[i], shifts[i], float(scores[i]))
+        step /= 2.0
+    return best
+
+
+def apply_to_poses(alignment: Alignment, rotations: np.ndarray, origins: np.ndarray, box: int | None = None):
+    """Poses of particles of the moving map expressed in the frame of the aligned map.
+
+    rotations (P, 3, 3) RELION matrices, origins (P, 2) pixels. A map point r of the
+    moving map sits at x = M r + t in the aligned map; a particle that saw r at
+    (A r)_xy sees x through A M^T. For a mirror (improper A M^T) the z flip of the
+    projection direction is absorbed: A' = diag(1, 1, -1) A M^T is proper and gives
+    the same image. Origins move by the projected translation: o' = o + (A' t)_xy.
+    """
+    _ = box
+    m = alignment.matrix
+    new = np.asarray(rotations) @ m.T
+    if alignment.mirrored:
+        new = np.diag([1.0, 1.0, -1.0]) @ new
+    moved = np.einsum("pij,j->pi", new, alignment.shift)[:, :2]
+    return new, np.asarray(origins) + moved

@@ -1,0 +1,282 @@
+"""Pose search: coarse-to-fine over rotations x 2D shifts, scored with matrix products.
+
+For an image X with CTF C and noise variance s2, a pose (rotation A, origin o) with
+projection P = slice of the volume under A has the energy (minus log likelihood x 2,
+up to a constant per image)
+
+    E = -2 Re<X~ C / s2, P> + <C^2 / s2, |P|^2>,   X~ = X shifted to centre the origin o
+
+summed over the half-plane frequencies of the current band with Hermitian weights.
+With projections stacked as real rows [Re P, Im P], the cross term for many shifts
+and rotations is one matrix product; the CTF^2 term is a second one.
+
+Global search: every rotation of a Hopf grid level x a coarse shift grid, projections
+computed once per minibatch; then the best ``beam`` poses of each image are refined
+level by level (8 child rotations x 3x3 shifts at half the step, a wider band).
+Local search: around given poses, a 3x3x3 set of small rotations x 3x3 shifts,
+steps halved a few times. Origins follow RELION: the particle centre is at
+box//2 - origin, so an image is centred by translating it by +origin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .backend import array_module, to_numpy
+from .fourier import phase_shift
+from .projector import project, slice_coordinates
+from .so3 import grid_children, grid_rotations, grid_spacing, rotvec_to_matrix
+
+
+@dataclass
+class ImageBatch:
+    """What the search needs of a minibatch, on the compute device.
+
+    spectra: (B, M) half-plane spectra of the raw images (not centred);
+    ctf: (B, M); noise_weight: (M,) Hermitian weight / noise variance per frequency;
+    freqs: (M, 2) frequencies sorted by radius; radii: (M,) their radii (host).
+    box: image box in pixels.
+    """
+
+    spectra: object
+    ctf: object
+    noise_weight: object
+    freqs: object
+    radii: np.ndarray
+    box: int
+
+    def band(self, r_max: float, r_min: float = 0.0) -> tuple[int, int]:
+        """(start, stop) of the frequencies with r_min <= |k| <= r_max (they are sorted)."""
+        return int(np.searchsorted(self.radii, r_min, "left")), int(np.searchsorted(self.radii, r_max, "right"))
+
+
+@dataclass
+class SearchSettings:
+    """Global search: Hopf levels, beam, shifts in pixels, bands in Fourier pixels."""
+
+    coarse_level: int = 2
+    final_level: int = 4
+    beam: int = 8
+    max_shift: float = 6.0
+    coarse_shift_step: float = 2.0
+    coarse_radius: float = 8.0
+    final_radius: float = 12.0
+    min_radius: float = 0.0
+    chunk: int = 64
+
+
+@dataclass
+class SearchResult:
+    """Best poses per image, best first: rotations (B, K, 3, 3), origins (B, K, 2) pixels,
+    energies (B, K) relative to the best (>= 0)."""
+
+    rotations: np.ndarray
+    origins: np.ndarray
+    energies: np.ndarray
+
+    def weights(self, temperature: float = 1.0) -> np.ndarray:
+        """Posterior weights of the kept poses, exp(-E / (2 T)) normalised, (B, K)."""
+        w = np.exp(-self.energies / (2.0 * max(temperature, 1e-6)))
+        return w / w.sum(axis=1, keepdims=True)
+
+
+@lru_cache(maxsize=8)
+def _grid(level: int) -> np.ndarray:
+    return grid_rotations(level)
+
+
+def shift_grid(max_shift: float, step: float) -> np.ndarray:
+    """Origins (S, 2) on a square grid of ``step`` pixels within a disc of ``max_shift``."""
+    n = int(np.floor(max_shift / step + 1e-9))
+    offsets = np.arange(-n, n + 1) * step
+    sx, sy = np.meshgrid(offsets, offsets, indexing="xy")
+    grid = np.stack([sx.ravel(), sy.ravel()], axis=1)
+    return grid[np.hypot(grid[:, 0], grid[:, 1]) <= max_shift + 1e-9]
+
+
+def _stack_real(z):
+    """Complex (..., M) -> real (..., 2M) as [Re, Im]."""
+    xp = array_module(z)
+    return xp.concatenate([z.real, z.imag], axis=-1)
+
+
+def _project_band(grid, oversampling, rotations, freqs):
+    xp = array_module(grid)
+    coords = slice_coordinates(xp.asarray(rotations, dtype=xp.float32), freqs)
+    return project(grid, coords, oversampling)
+
+
+def _shared_energies(batch: ImageBatch, band, proj, ramps, rows):
+    """E (b, S, R) for images ``rows`` against shared projections (R, m) and shift ramps (S, m)."""
+    xp = array_module(proj)
+    lo, hi = band
+    x = batch.spectra[rows, lo:hi]
+    c = batch.ctf[rows, lo:hi]
+    w = batch.noise_weight[lo:hi]
+    shifted = (x * c * w)[:, None, :] * ramps[None, :, :]
+    b, s = shifted.shape[:2]
+    cross = _stack_real(shifted).reshape(b * s, -1) @ _stack_real(proj).T
+    ctf_term = (c * c * w) @ (proj.real**2 + proj.imag**2).T
+    return (-2.0 * cross.reshape(b, s, -1) + ctf_term[:, None, :]).astype(xp.float32)
+
+
+def _local_energies(batch: ImageBatch, band, proj, centre_ramps, delta_ramps, rows):
+    """Per-image candidates: proj (b, K, R, m), centre_ramps (b, K, m), delta_ramps (D, m).
+
+    Returns E (b, K, D, R): rotation r of parent k with the parent's origin plus delta d.
+    """
+    lo, hi = band
+    x = batch.spectra[rows, lo:hi]
+    c = batch.ctf[rows, lo:hi]
+    w = batch.noise_weight[lo:hi]
+    base = (x * c * w)[:, None, :] * centre_ramps  # (b, K, m)
+    shifted = base[:, :, None, :] * delta_ramps[None, None, :, :]  # (b, K, D, m)
+    cross = _stack_real(shifted) @ _stack_real(proj).swapaxes(-1, -2)  # (b, K, D, R)
+    power = proj.real**2 + proj.imag**2  # (b, K, R, m)
+    ctf_term = (power @ (c * c * w)[:, None, :, None])[..., 0]  # (b, K, R)
+    return -2.0 * cross + ctf_term[:, :, None, :]
+
+
+def _top_k(energies, k: int):
+    """Indices (B, k) of the k smallest entries per row of (B, N), sorted, and their values."""
+    xp = array_module(energies)
+    k = min(k, energies.shape[1])
+    part = xp.argpartition(energies, k - 1, axis=1)[:, :k]
+    vals = xp.take_along_axis(energies, part, axis=1)
+    order = xp.argsort(vals, axis=1)
+    return xp.take_along_axis(part, order, axis=1), xp.take_along_axis(vals, order, axis=1)
+
+
+def _band_radius(settings: SearchSettings, level: int) -> float:
+    steps = max(settings.final_level - settings.coarse_level, 1)
+    t = (level - settings.coarse_level) / steps
+    return settings.coarse_radius + t * (settings.final_radius - settings.coarse_radius)
+
+
+def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSettings) -> SearchResult:
+    """Coarse-to-fine search over all rotations and shifts within ``max_shift``."""
+    xp = array_module(grid)
+    n_images = batch.spectra.shape[0]
+    beam = settings.beam
+    # coarse level: all rotations, all coarse shifts, projections shared by the minibatch
+    band = batch.band(_band_radius(settings, settings.coarse_level), settings.min_radius)
+    freqs = batch.freqs[band[0] : band[1]]
+    rotations = _grid(settings.coarse_level)
+    proj = _project_band(grid, oversampling, rotations, freqs)
+    shifts = shift_grid(settings.max_shift, settings.coarse_shift_step)
+    ramps = phase_shift(freqs, xp.asarray(shifts), batch.box)
+    index = np.empty((n_images, beam), dtype=np.int64)
+    origins = np.empty((n_images, beam, 2))
+    chunk = max(1, int(2e7 // (len(shifts) * len(rotations))))
+    for start in range(0, n_images, chunk):
+        rows = slice(start, min(start + chunk, n_images))
+        energies = _shared_energies(batch, band, proj, ramps, rows)  # (b, S, R)
+        best_shift = xp.argmin(energies, axis=1)  # (b, R)
+        per_rotation = xp.min(energies, axis=1)
+        top, _ = _top_k(per_rotation, beam)
+        index[rows] = to_numpy(top)
+        origins[rows] = shifts[to_numpy(xp.take_along_axis(best_shift, top, axis=1))]
+    step = settings.coarse_shift_step
+    energies = None
+    for level in range(settings.coarse_level + 1, settings.final_level + 1):
+        step /= 2.0
+        children = grid_children(level - 1, index)  # (B, K, 8)
+        candidates = grid_rotations(level, children.reshape(-1)).reshape(n_images, -1, 8, 3, 3)
+        band = batch.band(_band_radius(settings, level), settings.min_radius)
+        deltas = shift_grid(step * 1.5, step)  # 3 x 3 neighbourhood at the new step
+        best, new_origins, energies = _refine_candidates(
+            grid, oversampling, batch, band, candidates, origins, deltas, settings.chunk, settings.max_shift
+        )
+        k_parent, r_child = np.divmod(best, 8 * len(deltas))
+        index = np.take_along_axis(children.reshape(n_images, -1), k_parent * 8 + r_child % 8, axis=1)
+        origins = new_origins
+    final_rotations = grid_rotations(settings.final_level, index.reshape(-1)).reshape(n_images, -1, 3, 3)
+    if energies is None:
+        energies = np.zeros(index.shape)
+    return SearchResult(final_rotations, origins, energies - energies[:, :1])
+
+
+def _refine_candidates(grid, oversampling, batch, band, candidates, origins, deltas, chunk, max_shift):
+    """Score candidates (B, K, R, 3, 3) with origins (B, K, 2) + deltas (D, 2); keep the best K.
+
+    Returns flat indices into (K, D, R) per image (B, K), the new origins (B, K, 2) and
+    energies (B, K) (host arrays).
+    """
+    xp = array_module(grid)
+    n_images, beam, n_rot = candidates.shape[:3]
+    lo, hi = band
+    freqs = batch.freqs[lo:hi]
+    delta_ramps = phase_shift(freqs, xp.asarray(deltas), batch.box)
+    best = np.empty((n_images, beam), dtype=np.int64)
+    new_origins = np.empty((n_images, beam, 2))
+    energies = np.empty((n_images, beam))
+    for start in range(0, n_images, chunk):
+        rows = slice(start, min(start + chunk, n_images))
+        b = rows.stop - rows.start
+        proj = _project_band(grid, oversampling, candidates[rows].reshape(-1, 3, 3), freqs)
+        proj = proj.reshape(b, beam, n_rot, -1)
+        centre_ramps = phase_shift(freqs, xp.asarray(origins[rows]), batch.box)
+        e = _local_energies(batch, band, proj, centre_ramps, delta_ramps, rows)  # (b, K, D, R)
+        moved = origins[rows][:, :, None, :] + deltas[None, None, :, :]  # (b, K, D, 2)
+        outside = np.hypot(moved[..., 0], moved[..., 1]) > max_shift + 1e-6
+        e = e + xp.asarray(np.where(outside, np.inf, 0.0)[..., None], dtype=e.dtype)
+        top, vals = _top_k(e.reshape(b, -1), beam)
+        top = to_numpy(top)
+        best[rows] = top
+        k_parent, rest = np.divmod(top, len(deltas) * n_rot)
+        d_idx = rest // n_rot
+        new_origins[rows] = np.take_along_axis(origins[rows], k_parent[..., None], axis=1) + deltas[d_idx]
+        energies[rows] = to_numpy(vals)
+    return best, new_origins, energies
+
+
+@dataclass
+class LocalSettings:
+    """Local search: angular step (degrees), shift step (pixels), number of halvings, band."""
+
+    angle_step: float = 4.0
+    shift_step: float = 1.0
+    n_steps: int = 3
+    radius: float = 12.0
+    min_radius: float = 0.0
+    max_shift: float = 8.0
+    chunk: int = 64
+
+
+@lru_cache(maxsize=16)
+def _local_perturbations(step_deg: float) -> np.ndarray:
+    """3x3x3 rotation vectors at +-step about x, y, z -> (27, 3, 3) matrices (identity first)."""
+    offsets = np.array([0.0, -1.0, 1.0]) * np.deg2rad(step_deg)
+    vecs = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
+    return rotvec_to_matrix(vecs)
+
+
+def local_search(
+    grid, oversampling: int, batch: ImageBatch, rotations, origins, settings: LocalSettings
+) -> SearchResult:
+    """Refine poses (B, 3, 3) and origins (B, 2) by a greedy local search, best pose only."""
+    current_r = np.asarray(rotations, dtype=np.float64)[:, None]  # (B, 1, 3, 3)
+    current_o = np.asarray(origins, dtype=np.float64)[:, None]  # (B, 1, 2)
+    band = batch.band(settings.radius, settings.min_radius)
+    angle, shift = settings.angle_step, settings.shift_step
+    energies = np.zeros((len(current_r), 1))
+    for _ in range(settings.n_steps):
+        perturb = _local_perturbations(round(angle, 6))
+        candidates = np.einsum("pij,bkjl->bkpil", perturb, current_r)  # (B, 1, 27, 3, 3)
+        deltas = shift_grid(shift * 1.5, shift)
+        best, current_o, energies = _refine_candidates(
+            grid, oversampling, batch, band, candidates, current_o, deltas, settings.chunk, settings.max_shift
+        )
+        r_idx = best % len(perturb)
+        current_r = np.take_along_axis(candidates[:, 0], r_idx[:, :, None, None], axis=1)
+        angle /= 2.0
+        shift /= 2.0
+    return SearchResult(current_r, current_o, energies - energies[:, :1])
+
+
+def final_spacing(level: int) -> float:
+    """Angular spacing (degrees) of the finest global-search level."""
+    return grid_spacing(level)
