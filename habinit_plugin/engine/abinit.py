@@ -81,6 +81,7 @@ class AbinitSettings:
     centre_every: int = 10
     n_final_passes: int = 3
     preconditioner: bool = True
+    scale_invariant_search: bool = True
 
 
 @dataclass
@@ -207,6 +208,7 @@ class AbinitRun:
             coarse_radius=coarse_radius,
             final_radius=radius,
             min_radius=self._min_radius(),
+            scale_invariant=self.settings.scale_invariant_search,
         )
 
     def _min_radius(self) -> float:
@@ -355,7 +357,9 @@ class AbinitRun:
         plain = grid_to_volume(self.grid, n_work, gridding_correction=False)
         from .projector import _gridding_profile  # noqa: PLC0415
 
-        volume = plain * _gridding_profile(n_work, self.grid.shape[0], self.xp)
+        # the grid holds Fourier sums over the full box: an inverse FFT over the working box
+        # scales densities by (box / n_work)^3
+        volume = plain * _gridding_profile(n_work, self.grid.shape[0], self.xp) * (n_work / self.box) ** 3
         return to_numpy(resample_volume(volume, self.box))
 
     def run_sgd(self, report_every: int = 10, on_iteration=None) -> None:

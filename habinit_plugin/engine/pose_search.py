@@ -66,6 +66,7 @@ class SearchSettings:
     final_radius: float = 12.0
     min_radius: float = 0.0
     chunk: int = 64
+    scale_invariant: bool = False
 
 
 @dataclass
@@ -109,7 +110,20 @@ def _project_band(grid, oversampling, rotations, freqs):
     return project(grid, coords, oversampling)
 
 
-def _shared_energies(batch: ImageBatch, band, proj, ramps, rows):
+def _combine(cross, ctf_term, scale_invariant: bool):
+    """Energy from the cross term and the CTF^2 term (broadcast against each other).
+
+    Plain: E = -2 cross + ctf_term. Scale-invariant: the energy at the best scale of
+    the projection for each image, E = -max(cross, 0)^2 / ctf_term, which does not
+    favour views whose projections happen to carry little power.
+    """
+    xp = array_module(cross)
+    if scale_invariant:
+        return -(xp.maximum(cross, 0.0) ** 2) / xp.maximum(ctf_term, 1e-30)
+    return -2.0 * cross + ctf_term
+
+
+def _shared_energies(batch: ImageBatch, band, proj, ramps, rows, scale_invariant: bool = False):
     """E (b, S, R) for images ``rows`` against shared projections (R, m) and shift ramps (S, m)."""
     xp = array_module(proj)
     lo, hi = band
@@ -120,10 +134,10 @@ def _shared_energies(batch: ImageBatch, band, proj, ramps, rows):
     b, s = shifted.shape[:2]
     cross = _stack_real(shifted).reshape(b * s, -1) @ _stack_real(proj).T
     ctf_term = (c * c * w) @ (proj.real**2 + proj.imag**2).T
-    return (-2.0 * cross.reshape(b, s, -1) + ctf_term[:, None, :]).astype(xp.float32)
+    return _combine(cross.reshape(b, s, -1), ctf_term[:, None, :], scale_invariant).astype(xp.float32)
 
 
-def _local_energies(batch: ImageBatch, band, proj, centre_ramps, delta_ramps, rows):
+def _local_energies(batch: ImageBatch, band, proj, centre_ramps, delta_ramps, rows, scale_invariant: bool = False):
     """Per-image candidates: proj (b, K, R, m), centre_ramps (b, K, m), delta_ramps (D, m).
 
     Returns E (b, K, D, R): rotation r of parent k with the parent's origin plus delta d.
@@ -137,7 +151,7 @@ def _local_energies(batch: ImageBatch, band, proj, centre_ramps, delta_ramps, ro
     cross = _stack_real(shifted) @ _stack_real(proj).swapaxes(-1, -2)  # (b, K, D, R)
     power = proj.real**2 + proj.imag**2  # (b, K, R, m)
     ctf_term = (power @ (c * c * w)[:, None, :, None])[..., 0]  # (b, K, R)
-    return -2.0 * cross + ctf_term[:, :, None, :]
+    return _combine(cross, ctf_term[:, :, None, :], scale_invariant)
 
 
 def _top_k(energies, k: int):
@@ -173,7 +187,7 @@ def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSe
     chunk = max(1, int(2e7 // (len(shifts) * len(rotations))))
     for start in range(0, n_images, chunk):
         rows = slice(start, min(start + chunk, n_images))
-        energies = _shared_energies(batch, band, proj, ramps, rows)  # (b, S, R)
+        energies = _shared_energies(batch, band, proj, ramps, rows, settings.scale_invariant)  # (b, S, R)
         best_shift = xp.argmin(energies, axis=1)  # (b, R)
         per_rotation = xp.min(energies, axis=1)
         top, _ = _top_k(per_rotation, beam)
@@ -188,7 +202,16 @@ def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSe
         band = batch.band(_band_radius(settings, level), settings.min_radius)
         deltas = shift_grid(step * 1.5, step)  # 3 x 3 neighbourhood at the new step
         best, new_origins, energies = _refine_candidates(
-            grid, oversampling, batch, band, candidates, origins, deltas, settings.chunk, settings.max_shift
+            grid,
+            oversampling,
+            batch,
+            band,
+            candidates,
+            origins,
+            deltas,
+            settings.chunk,
+            settings.max_shift,
+            settings.scale_invariant,
         )
         k_parent, r_child = np.divmod(best, 8 * len(deltas))
         index = np.take_along_axis(children.reshape(n_images, -1), k_parent * 8 + r_child % 8, axis=1)
@@ -199,7 +222,9 @@ def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSe
     return SearchResult(final_rotations, origins, energies - energies[:, :1])
 
 
-def _refine_candidates(grid, oversampling, batch, band, candidates, origins, deltas, chunk, max_shift):
+def _refine_candidates(
+    grid, oversampling, batch, band, candidates, origins, deltas, chunk, max_shift, scale_invariant=False
+):
     """Score candidates (B, K, R, 3, 3) with origins (B, K, 2) + deltas (D, 2); keep the best K.
 
     Returns flat indices into (K, D, R) per image (B, K), the new origins (B, K, 2) and
@@ -219,7 +244,7 @@ def _refine_candidates(grid, oversampling, batch, band, candidates, origins, del
         proj = _project_band(grid, oversampling, candidates[rows].reshape(-1, 3, 3), freqs)
         proj = proj.reshape(b, beam, n_rot, -1)
         centre_ramps = phase_shift(freqs, xp.asarray(origins[rows]), batch.box)
-        e = _local_energies(batch, band, proj, centre_ramps, delta_ramps, rows)  # (b, K, D, R)
+        e = _local_energies(batch, band, proj, centre_ramps, delta_ramps, rows, scale_invariant)  # (b, K, D, R)
         moved = origins[rows][:, :, None, :] + deltas[None, None, :, :]  # (b, K, D, 2)
         outside = np.hypot(moved[..., 0], moved[..., 1]) > max_shift + 1e-6
         e = e + xp.asarray(np.where(outside, np.inf, 0.0)[..., None], dtype=e.dtype)
