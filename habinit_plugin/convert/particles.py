@@ -1,0 +1,91 @@
+"""Scipion particle sets <-> the engine's RELION 3.1 STAR files, through scipion-em-relion.
+
+Writing: scipion-em-relion's ``writeSetOfParticles`` (the STAR RELION users get from
+Scipion), with ``rlnImageId`` = Scipion objId and image names pointing at the existing
+stacks (no copy). Reading back: rows are matched by ``rlnImageId``, never by position,
+and RELION angles/origins become Scipion transforms with scipion-em-relion's Reader.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from pwem.constants import ALIGN_NONE, ALIGN_PROJ
+from pwem.objects import Integer, Transform
+from pyworkflow.plugin import Domain
+
+_NEEDS_QUOTES = re.compile(r"[\s'\"]")
+_SCIPION_SUFFIX = re.compile(r":(mrcs?|spi|stk|hdf|st)$")
+
+
+def _relion_convert():
+    return Domain.importFromPlugin("relion.convert", doRaise=True)
+
+
+def _quote_star(value: str) -> str:
+    """A STAR value in double quotes (emtable splits quoted lines with shlex)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def stack_files(part_set) -> list[str]:
+    """The distinct image files of a set (without Scipion's ':mrcs' style suffix)."""
+    return sorted({_SCIPION_SUFFIX.sub("", fn) for fn in part_set.getFiles()})
+
+
+def write_particles_star(part_set, star_file: str) -> None:
+    """Write ``part_set`` as RELION 3.1 STAR for the engine.
+
+    Image names are Scipion's locations (relative to the project folder, where the engine
+    runs, or absolute); names holding spaces or quotes are quoted on every row, because
+    the STAR reader decides how to split lines from the first row.
+    """
+    quote = any(_NEEDS_QUOTES.search(fn) for fn in stack_files(part_set))
+
+    def fix_image_name(part, row):
+        index, filename = part.getLocation()
+        name = _relion_convert().locationToRelion(index, _SCIPION_SUFFIX.sub("", filename))
+        row["rlnImageName"] = _quote_star(name) if quote else name
+
+    _relion_convert().writeSetOfParticles(
+        part_set, star_file, alignType=ALIGN_NONE, postprocessImageRow=fix_image_name, extraLabels=[]
+    )
+
+
+def read_star_rows(star_file: str, block: str = "particles") -> dict:
+    """Rows of a STAR block keyed by ``rlnImageId`` (emtable rows, RELION column types)."""
+    from emtable import Table
+
+    labels = Domain.importFromPlugin("relion.constants", "LABELS_DICT", doRaise=True)
+    rows = {}
+    for row in Table.iterRows(f"{block}@{star_file}", types=labels):
+        rows[int(row.rlnImageId)] = row
+    return rows
+
+
+def fill_refined_sets(input_set, used_set, unused_set, rows: dict, pixel_size: float) -> tuple[int, int]:
+    """Split ``input_set`` into the particles the engine used and those it did not.
+
+    used_set gets the engine's poses (3D alignment, shifts in input pixels) and
+    ``_rlnRandomSubset`` (1 or 2) on every item; unused_set gets the other particles as
+    they were. objIds are kept. Returns (n_used, n_unused).
+    """
+    reader = _relion_convert().createReader(alignType=ALIGN_PROJ, pixelSize=pixel_size)
+    n_used = n_unused = 0
+    for part in input_set.iterItems(orderBy="id"):
+        row = rows.get(part.getObjId())
+        if row is None:
+            unused_set.append(part)
+            n_unused += 1
+            continue
+        refined = part.clone()  # the iterator reuses one object: never modify it
+        refined.setTransform(Transform())
+        reader.setParticleTransform(refined, row)
+        refined._rlnRandomSubset = Integer(int(row.rlnRandomSubset))
+        used_set.append(refined)
+        n_used += 1
+    return n_used, n_unused
+
+
+def absolute(path: str) -> str:
+    return os.path.abspath(path)
