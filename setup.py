@@ -31,8 +31,6 @@ setup(
         "gpu": ["cupy-cuda12x>=13"],
         # The Scipion side (protocol, viewer); Scipion pins NumPy 1.26, so keep it out of a GPU/NumPy 2 env.
         "scipion": ["scipion-pyworkflow>=3.11.7", "scipion-em>=3.11.1", "scipion-em-relion>=5.0.2"],
-        # What the Scipion tests need on top: importing cryoSPARC .cs particles into Scipion.
-        "scipion-test": ["scipion-em-cryosparc2>=5.0.1"],
     },
     entry_points={
         "console_scripts": ["habinit = habinit_plugin.engine.cli:main"],

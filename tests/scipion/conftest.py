@@ -3,7 +3,7 @@
 Scipion reads its configuration from the environment when pyworkflow is first imported,
 so the variables are set here, at collection time, before any test module imports it.
 Everything Scipion writes (config, logs, projects) lands in one temporary folder.
-Without Scipion installed (``pip install -e .[scipion,scipion-test]``) these tests skip.
+Without Scipion installed (``pip install -e .[scipion]``) these tests skip.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from habinit_plugin.headless import scipion_available
 
 SCIPION = scipion_available()
-SKIP_REASON = "Scipion is not installed (pip install -e '.[scipion,scipion-test]')"
+SKIP_REASON = "Scipion is not installed (pip install -e '.[scipion]')"
 _ROOT = Path(tempfile.mkdtemp(prefix="habinit_scipion_"))
 
 if SCIPION:

@@ -1,0 +1,302 @@
+"""The protocol in a headless Scipion project: three ways in, outputs, interop, viewer, hostile paths.
+
+Particles (box 32, a few hundred, simulated from the bundled protein) come in as
+1. a Scipion sqlite set built with pwem objects (image files + CTF), whose stack path holds a
+   space, quotes and ``$(...)``;
+2. a RELION 3.1 STAR imported through scipion-em-relion, with a half-set split to keep;
+3. a set derived from a cryoSPARC ``.cs`` file (poses as rotation vectors, split 0/1), converted
+   to STAR by the engine and imported like RELION's.
+Each is refined with the quick schedule on the CPU (``--quick``), then the outputs are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from habinit_plugin.engine.particles import load_particles, write_particles_star
+from habinit_plugin.engine.so3 import euler_to_matrix, matrix_to_rotvec
+from habinit_plugin.engine.star import read_star
+
+PIXEL_SIZE = 3.6
+HOSTILE_DIR = 'stacks with space, it\'s "quoted" $(touch PWNED_DIR)'
+HOSTILE_STACK = "part icles 'q' $(touch PWNED_FILE) `touch PWNED_TICK`.mrcs"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def import_particles(project, **kwargs):
+    from pwem.protocols import ProtImportParticles
+
+    from habinit_plugin.headless import launch
+
+    kwargs = (
+        dict(samplingRate=PIXEL_SIZE, magnification=10000, voltage=300, sphericalAberration=2.7, amplitudeContrast=0.1)
+        | kwargs
+    )
+    prot = project.newProtocol(ProtImportParticles, **kwargs)
+    return launch(project, prot)
+
+
+def run_habinit(project, particles, label, **kwargs):
+    from habinit_plugin.headless import launch
+    from habinit_plugin.protocols import ProtHabinitHomoAbinitRefine
+
+    kwargs = dict(useGpu=False, quickSchedule=True, numberOfThreads=2) | kwargs
+    prot = project.newProtocol(ProtHabinitHomoAbinitRefine, objLabel=label, **kwargs)
+    prot.inputParticles.set(particles)
+    assert prot.validate() == []
+    return launch(project, prot)
+
+
+def check_outputs(prot, input_set, n_used_max):
+    """Everything SCIPION.md asks of the outputs; at most ``n_used_max`` particles are used."""
+    from pwem.constants import ALIGN_PROJ
+
+    extra = Path(prot._getExtraPath())
+    info = json.loads((extra / "run.json").read_text())
+    assert info["status"] == "finished"
+    input_ids = {p.getObjId() for p in input_set.iterItems()}
+    n_input = len(input_ids)
+
+    # particles: ids preserved, used + unused = input, 3D alignment and half set on every item
+    used = prot.outputParticles
+    n_used = used.getSize()
+    assert n_used == info["n_used"] and 0 < n_used <= n_used_max
+    assert used.getAlignment() == ALIGN_PROJ
+    assert used.getSamplingRate() == pytest.approx(input_set.getSamplingRate())
+    used_ids, halves = set(), []
+    for part in used.iterItems():
+        used_ids.add(part.getObjId())
+        assert part.getTransform() is not None
+        matrix = part.getTransform().getMatrix()
+        assert np.allclose(matrix[:3, :3] @ matrix[:3, :3].T, np.eye(3), atol=1e-5)
+        assert part.hasAttribute("_rlnRandomSubset")
+        halves.append(int(part._rlnRandomSubset))
+    assert set(halves) == {1, 2}
+    assert used_ids <= input_ids
+    n_unused = n_input - n_used
+    assert info["n_unused"] == n_unused
+    if n_unused:
+        unused_ids = {p.getObjId() for p in prot.outputUnusedParticles.iterItems()}
+        assert unused_ids | used_ids == input_ids and not unused_ids & used_ids
+        assert len(read_star(extra / "unused_particles.star")["particles"]) == n_unused
+    else:
+        assert not prot.hasAttribute("outputUnusedParticles")
+
+    # volume: average map with the two half maps, input box and pixel size
+    volume = prot.outputVolume
+    box = input_set.getXDim()
+    assert volume.getDim() == (box, box, box)
+    assert volume.getSamplingRate() == pytest.approx(input_set.getSamplingRate())
+    halves_files = volume.getHalfMaps(asList=True)
+    assert len(halves_files) == 2
+    import mrcfile
+
+    for path in [volume.getFileName(), *halves_files]:
+        with mrcfile.open(path, permissive=True) as mrc:
+            assert mrc.data.shape == (box, box, box)
+            assert float(mrc.voxel_size.x) == pytest.approx(input_set.getSamplingRate(), rel=1e-4)
+    with (
+        mrcfile.open(halves_files[0]) as a,
+        mrcfile.open(halves_files[1]) as b,
+        mrcfile.open(volume.getFileName()) as m,
+    ):
+        assert np.allclose(m.data, (a.data + b.data) / 2, atol=1e-4 * float(np.abs(m.data).max()))
+
+    # FSC: the same curve as the engine's files
+    fsc_json = json.loads((extra / "fsc.json").read_text())
+    x, y = prot.outputFSC.getData()
+    rows = fsc_json["curve"]
+    assert len(x) == len(rows)
+    for xi, yi, row in zip(x, y, rows):
+        assert yi == pytest.approx(row["fsc"], abs=1e-5)
+        if row["resolution_A"]:
+            assert xi == pytest.approx(1.0 / row["resolution_A"], rel=1e-4)
+    assert fsc_json["resolution_0143"] == pytest.approx(info["resolution_0143"])
+
+    # the engine's PNGs for batch users
+    for name in ("fsc.png", "resolution_per_iteration.png", "angular_distribution.png", "half_map_slices.png"):
+        assert (extra / name).stat().st_size > 1000
+
+    summary = " ".join(prot.summary())
+    assert f"{info['resolution_0143']:.2f} A" in summary and f"Particles used: {n_used}" in summary
+    assert prot.methods()
+    return info
+
+
+def rotations_from_star(block):
+    return euler_to_matrix(*(block.floats(c) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def relion_run(project, sim32):
+    """RELION 3.1 STAR (with rlnRandomSubset) -> import -> habinit on the first 300 of 400 particles."""
+    imported = import_particles(project, objLabel="import RELION star", importFrom=3, starFile=str(sim32["split_star"]))
+    prot = run_habinit(project, imported.outputParticles, "habinit (RELION star)", numberOfParticles=300)
+    return imported, prot
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_relion_star_import_keeps_split_and_outputs(relion_run):
+    imported, prot = relion_run
+    input_set = imported.outputParticles
+    check_outputs(prot, input_set, 300)
+    input_split = {p.getObjId(): int(p._rlnRandomSubset) for p in input_set.iterItems()}
+    for part in prot.outputParticles.iterItems():
+        assert int(part._rlnRandomSubset) == input_split[part.getObjId()]
+    # only the first 300 particles (by position in the input) may be used
+    first = set(sorted(input_split)[:300])
+    assert {p.getObjId() for p in prot.outputParticles.iterItems()} <= first
+
+
+def test_relion_writer_gives_the_engine_poses_and_split(relion_run, tmp_path):
+    """Our outputParticles through scipion-em-relion's writeSetOfParticles == the engine's particles.star."""
+    from relion.convert import writeSetOfParticles
+
+    _, prot = relion_run
+    star = tmp_path / "from_scipion.star"
+    writeSetOfParticles(prot.outputParticles, str(star))
+    ours = read_star(star)["particles"]
+    engine = read_star(Path(prot._getExtraPath("particles.star")))["particles"]
+    ours_ids, engine_ids = ours.ints("rlnImageId"), engine.ints("rlnImageId")
+    assert sorted(ours_ids) == sorted(engine_ids)
+    order = np.argsort(ours_ids)
+    engine_order = np.argsort(engine_ids)
+    assert np.allclose(rotations_from_star(ours)[order], rotations_from_star(engine)[engine_order], atol=1e-4)
+    for column in ("rlnOriginXAngst", "rlnOriginYAngst"):
+        assert np.allclose(ours.floats(column)[order], engine.floats(column)[engine_order], atol=1e-3)
+    assert np.array_equal(ours.ints("rlnRandomSubset")[order], engine.ints("rlnRandomSubset")[engine_order])
+
+
+def test_relion_postprocess_accepts_the_protocol(project, relion_run):
+    """RELION post-processing's 'refinement protocol' pointer takes ours and finds the half maps."""
+    from pyworkflow.plugin import Domain
+
+    ProtRelionPostprocess = Domain.importFromPlugin("relion.protocols", "ProtRelionPostprocess", doRaise=True)
+    _, prot = relion_run
+    post = project.newProtocol(ProtRelionPostprocess, relionInput=True)
+    post.protRefine.set(prot)
+    param = post.getParam("protRefine")
+    classes = [c.strip() for c in param.pointerClass.get().split(",")]
+    assert any(cls in [k.__name__ for k in type(prot).mro()] for cls in classes)
+    assert param.validate(post.protRefine) in (None, [], "")
+    half_maps = post.protRefine.get().outputVolume.getHalfMaps(asList=True)
+    assert len(half_maps) == 2 and all(os.path.exists(p) for p in half_maps)
+
+
+def test_viewer_plots_headless(project, relion_run, tmp_path):
+    from habinit_plugin.viewers import HabinitHomoAbinitViewer
+
+    _, prot = relion_run
+    viewer = HabinitHomoAbinitViewer(project=project, protocol=prot)
+    viewer.setProtocol(prot)
+    for param, views in ((k, f(k)) for k, f in viewer._getVisualizeDict().items()):
+        path = tmp_path / f"{param}.png"
+        views[0].savefig(str(path))
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_sqlite_set_with_hostile_stack_path(project, sim32, scipion_root):
+    """Image files + CTF in a Scipion sqlite set, stack path with space, quotes and $(...): works, runs nothing."""
+    from pwem.objects import Acquisition, CTFModel, Particle, SetOfParticles
+
+    gt = load_particles(sim32["particles"])
+    folder = scipion_root / "hostile" / HOSTILE_DIR
+    folder.mkdir(parents=True)
+    stack = folder / HOSTILE_STACK
+    shutil.copy(sim32["stack"], stack)
+    sqlite = scipion_root / "hostile" / "particles.sqlite"
+    parts = SetOfParticles(filename=str(sqlite))
+    parts.setSamplingRate(PIXEL_SIZE)
+    acq = Acquisition(voltage=300, sphericalAberration=2.7, amplitudeContrast=0.1, magnification=10000)
+    parts.setAcquisition(acq)
+    parts.setHasCTF(True)
+    for i in range(len(gt)):
+        part = Particle(location=(int(gt.slice_of[i]) + 1, str(stack)))
+        part.setSamplingRate(PIXEL_SIZE)
+        part.setAcquisition(acq)
+        ctf = CTFModel()
+        ctf.setStandardDefocus(float(gt.ctf.defocus_u[i]), float(gt.ctf.defocus_v[i]), float(gt.ctf.defocus_angle[i]))
+        part.setCTF(ctf)
+        parts.append(part)
+    parts.write()
+    parts.close()
+
+    imported = import_particles(project, objLabel="import sqlite", importFrom=4, sqliteFile=str(sqlite))
+    input_set = imported.outputParticles
+    assert input_set.getSize() == len(gt)
+    prot = run_habinit(project, input_set, "habinit (sqlite, hostile path)")
+    check_outputs(prot, input_set, len(gt))
+    star = Path(prot._getExtraPath("input_particles.star")).read_text()
+    assert "$(touch PWNED_FILE)" in star  # the hostile name really reached the engine
+    assert not list(scipion_root.rglob("PWNED*")) and not list(Path(project.path).rglob("PWNED*"))
+    assert not list(Path.cwd().glob("PWNED*"))
+
+
+def test_cryosparc_cs_derived_set(project, sim32, tmp_path):
+    """A cryoSPARC .cs (rotation-vector poses, split 0/1) -> STAR by the engine -> Scipion; the split is kept."""
+    gt = load_particles(sim32["gt_poses"])
+    folder = tmp_path / "cryosparc"
+    folder.mkdir()
+    shutil.copy(sim32["stack"], folder / "J12_particles.mrcs")
+    n = len(gt)
+    cs = np.zeros(
+        n,
+        dtype=[
+            ("uid", "<u8"),
+            ("blob/path", "S64"),
+            ("blob/idx", "<u4"),
+            ("blob/shape", "<u4", (2,)),
+            ("blob/psize_A", "<f4"),
+            ("ctf/accel_kv", "<f4"),
+            ("ctf/cs_mm", "<f4"),
+            ("ctf/amp_contrast", "<f4"),
+            ("ctf/df1_A", "<f4"),
+            ("ctf/df2_A", "<f4"),
+            ("ctf/df_angle_rad", "<f4"),
+            ("alignments3D/pose", "<f4", (3,)),
+            ("alignments3D/shift", "<f4", (2,)),
+            ("alignments3D/psize_A", "<f4"),
+            ("alignments3D/split", "<u4"),
+        ],
+    )
+    cs["uid"] = np.arange(n) + 10**15
+    cs["blob/path"] = b"J12_particles.mrcs"
+    cs["blob/idx"] = gt.slice_of
+    cs["blob/shape"] = gt.box
+    cs["blob/psize_A"] = gt.pixel_size
+    cs["ctf/accel_kv"], cs["ctf/cs_mm"], cs["ctf/amp_contrast"] = 300, 2.7, 0.1
+    cs["ctf/df1_A"], cs["ctf/df2_A"] = gt.ctf.defocus_u, gt.ctf.defocus_v
+    cs["ctf/df_angle_rad"] = np.deg2rad(gt.ctf.defocus_angle)
+    cs["alignments3D/pose"] = matrix_to_rotvec(np.swapaxes(gt.rotations, 1, 2))
+    cs["alignments3D/shift"] = gt.shifts
+    cs["alignments3D/psize_A"] = gt.pixel_size
+    split = np.random.default_rng(1).integers(0, 2, n)
+    cs["alignments3D/split"] = split
+    with open(folder / "J12_particles.cs", "wb") as f:
+        np.save(f, cs)
+
+    derived = load_particles(folder / "J12_particles.cs")
+    write_particles_star(folder / "J12_particles.star", derived)
+    star = folder / "J12_particles.star"  # Scipion's RELION import wants image paths relative to the STAR file
+    star.write_text(star.read_text().replace(f"{folder}/", ""))
+    imported = import_particles(
+        project, objLabel="import cryoSPARC-derived", importFrom=3, starFile=str(folder / "J12_particles.star")
+    )
+    input_set = imported.outputParticles
+    prot = run_habinit(project, input_set, "habinit (cryoSPARC .cs)")
+    check_outputs(prot, input_set, n)
+    by_id = {p.getObjId(): int(p._rlnRandomSubset) for p in prot.outputParticles.iterItems()}
+    assert [by_id[i + 1] for i in range(n)] == list(split + 1)  # cryoSPARC split 0/1 kept as 1/2
