@@ -7,6 +7,7 @@ configuration from environment variables at import time.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -72,3 +73,39 @@ def launch(project, protocol, wait: bool = True):
                 f"{protocol.getRunName()} {protocol.getStatus()}: {protocol.getErrorMessage() or ''}\n{tail}"
             )
     return protocol
+
+
+TEMPLATE = Path(__file__).parent / "templates" / "habinit_relion_particles.json.template"
+
+
+def workflow_from_template(values: dict, template: str | Path = TEMPLATE, out: str | Path | None = None) -> Path:
+    """Fill a batch template's ``~Label|default|type|alias~`` fields by alias; returns the workflow JSON path.
+
+    Fields not in ``values`` keep their defaults. The JSON is what
+    ``python -m pyworkflow.project.scripts.create NAME workflow.json`` reads.
+    """
+    from pyworkflow.template import LocalTemplate
+
+    tmpl = LocalTemplate("habinit_plugin", str(template))
+    tmpl.replaceEnvVariables()
+    tmpl.parseContent()
+    known = {p.getAlias() for p in tmpl.getParams().values()}
+    unknown = set(values) - known
+    if unknown:
+        raise KeyError(f"{template} has no field(s) {', '.join(sorted(unknown))}; it has {', '.join(sorted(known))}")
+    for alias, value in values.items():
+        tmpl.setParamValue(alias, str(value).lower() if isinstance(value, bool) else str(value))
+    path = Path(tmpl.createTemplateFile())
+    if out is not None:
+        path = Path(shutil.move(str(path), str(out)))
+    return path
+
+
+def run_workflow(project, workflow: str | Path) -> list:
+    """Load a workflow JSON into ``project`` and run its protocols in order; returns them, finished."""
+    loaded = project.loadProtocols(str(workflow))
+    done = []
+    for prot in loaded.values():
+        prot = project.getProtocol(prot.getObjId())  # fresh from the database: pointers see finished inputs
+        done.append(launch(project, prot))
+    return done

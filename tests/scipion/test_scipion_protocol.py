@@ -139,10 +139,21 @@ def rotations_from_star(block):
 
 
 @pytest.fixture(scope="module")
-def relion_run(project, sim32):
-    """RELION 3.1 STAR (with rlnRandomSubset) -> import -> habinit on the first 300 of 400 particles."""
-    imported = import_particles(project, objLabel="import RELION star", importFrom=3, starFile=str(sim32["split_star"]))
-    prot = run_habinit(project, imported.outputParticles, "habinit (RELION star)", numberOfParticles=300)
+def relion_run(project, sim32, tmp_path_factory):
+    """The batch template: RELION 3.1 STAR (with rlnRandomSubset) -> import -> habinit on 300 of 400 particles."""
+    from habinit_plugin.headless import run_workflow, workflow_from_template
+
+    values = {
+        "star": sim32["split_star"],
+        "pixelsize": PIXEL_SIZE,
+        "nparticles": 300,
+        "quick": True,
+        "gpu": False,
+        "threads": 2,
+    }
+    workflow = workflow_from_template(values, out=tmp_path_factory.mktemp("workflow") / "habinit.json")
+    imported, prot = run_workflow(project, workflow)
+    assert prot.getClassName() == "ProtHabinitHomoAbinitRefine" and prot.numberOfParticles.get() == 300
     return imported, prot
 
 
