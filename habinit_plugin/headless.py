@@ -101,9 +101,11 @@ def workflow_from_template(values: dict, template: str | Path = TEMPLATE, out: s
     return path
 
 
-def run_workflow(project, workflow: str | Path) -> list:
-    """Load a workflow JSON into ``project`` and run its protocols in order; returns them, finished."""
-    loaded = project.loadProtocols(str(workflow))
+def run_workflow(project, workflow: str | Path | None = None, loaded: dict | None = None) -> list:
+    """Load a workflow JSON into ``project`` (or take ``loaded``, what ``project.loadProtocols`` returned)
+    and run its protocols in order; returns them, finished."""
+    if loaded is None:
+        loaded = project.loadProtocols(str(workflow))
     done = []
     for prot in loaded.values():
         prot = project.getProtocol(prot.getObjId())  # fresh from the database: pointers see finished inputs
