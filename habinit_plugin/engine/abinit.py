@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .backend import array_module, to_numpy
+from .backend import to_numpy
 from .ctf import evaluate_ctf
 from .fourier import (
     half_plane_frequencies,
@@ -373,6 +373,42 @@ class AbinitRun:
     def settings_dict(self) -> dict:
         return asdict(self.settings)
 
+    # ---------------------------------------------------------------- checkpoints
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Everything needed to resume: host arrays (saved as .npz) and JSON-safe values."""
+        arrays = {
+            "rotations": self.rotations,
+            "origins": self.origins,
+            "seen": self.seen,
+            "order": self._order,
+            "noise_sigma2": self.noise.sigma2,
+        }
+        if self.grid is not None:
+            arrays["grid"] = to_numpy(self.grid)
+            arrays["weight_ema"] = to_numpy(self.weight_ema)
+        meta = {
+            "iteration": self.iteration,
+            "rng": self.rng.bit_generator.state,
+            "history": [asdict(h) for h in self.history],
+        }
+        return arrays, meta
+
+    def set_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """Restore a state written by :meth:`get_state`."""
+        xp = self.xp
+        self.rotations = np.array(arrays["rotations"])
+        self.origins = np.array(arrays["origins"])
+        self.seen = np.array(arrays["seen"])
+        self._order = np.array(arrays["order"])
+        self.noise.sigma2 = np.array(arrays["noise_sigma2"])
+        if "grid" in arrays:
+            self.grid = xp.asarray(arrays["grid"])
+            self.weight_ema = xp.asarray(arrays["weight_ema"])
+        self.iteration = int(meta["iteration"])
+        self.rng.bit_generator.state = meta["rng"]
+        self.history = [IterationLog(**h) for h in meta["history"]]
+
 
 def _format_log(entry: IterationLog, total: int) -> str:
     change = "  n/a" if math.isnan(entry.pose_change) else f"{entry.pose_change:5.1f}"
@@ -427,7 +463,7 @@ def full_pass(
                 LocalSettings(
                     angle_step=spacing,
                     shift_step=0.5,
-                    n_steps=2,
+                    n_steps=4,
                     radius=radius,
                     min_radius=run._min_radius(),
                     max_shift=run.max_shift_px,
@@ -483,9 +519,3 @@ def refine_passes(run: AbinitRun, log=None) -> PassResult:
         )
         radius = min(max_radius, max(radius, 1.15 * run.box * run.pixel_size / result.resolution))
     return result
-
-
-def abinit_dtype_check(xp) -> None:
-    """Placeholder kept for API symmetry with the GPU path (no-op on NumPy)."""
-    _ = array_module
-    return None

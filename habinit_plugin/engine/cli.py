@@ -1,6 +1,6 @@
 """Command line: ``habinit <command>`` (also ``python -m habinit_plugin.engine``).
 
-Commands: simulate, reconstruct, fsc, demo. Each prints what it did and where
+Commands: simulate, reconstruct, fsc, abinit, run, align, demo. Each prints what it did and where
 the files are; errors in the input end the program with one clear message.
 """
 
@@ -16,13 +16,18 @@ from pathlib import Path
 import numpy as np
 
 from . import density
+from .abinit import AbinitSettings
+from .align3d import AlignSettings, align_maps, transform_map
 from .backend import DeviceError, device_name, get_xp
 from .fsc import fsc, resolution_at, shell_frequencies
 from .halves import assign_half_sets
+from .jobs import QUICK_SCHEDULE, gold_standard_job, single_abinit_job
 from .mrc import MRCError, read_map, write_map
 from .particles import ParticleError, load_particles
 from .reconstruct import reconstruct_half_maps
+from .refine import JobSettings
 from .simulate import SimulationSettings, simulate_dataset
+from .so3 import matrix_to_euler
 from .star import StarError
 
 log = logging.getLogger("habinit")
@@ -226,6 +231,123 @@ def run_demo(args) -> dict:
     return {"gs_resolution_0143": report["resolution_0143"], "truth_resolution_05": res_truth}
 
 
+# ------------------------------------------------------------------ ab initio jobs
+
+
+def _add_abinit_arguments(p) -> None:
+    """The parameters cryoSPARC users know from its ab initio job."""
+    d = AbinitSettings()
+    p.add_argument("--particles", required=True, help="RELION .star (3.0 or 3.1+) or cryoSPARC .cs particles")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--image-root", help="folder that relative image paths are relative to")
+    p.add_argument("--initial-resolution", type=float, default=d.initial_resolution, help="Angstrom")
+    p.add_argument("--max-resolution", type=float, help="Angstrom (default: Nyquist; finer values are clamped)")
+    p.add_argument("--sgd-resolution", type=float, default=d.sgd_resolution, help="where SGD hands over, Angstrom")
+    p.add_argument("--n-initial-iterations", type=int, default=d.n_initial_iterations)
+    p.add_argument("--n-final-iterations", type=int, default=d.n_final_iterations)
+    p.add_argument("--initial-batch", type=int, default=d.initial_batch, help="initial minibatch size")
+    p.add_argument("--final-batch", type=int, default=d.final_batch, help="final minibatch size")
+    p.add_argument("--learning-rate", type=float, default=d.initial_learning_rate, help="initial learning rate")
+    p.add_argument("--n-final-passes", type=int, default=d.n_final_passes, help="full passes after SGD")
+    p.add_argument("--mask-radius", type=float, help="radius of the spherical window, Angstrom")
+    p.add_argument("--min-resolution", type=float, help="ignore frequencies below this in the search (small particles)")
+    p.add_argument("--no-preconditioner", action="store_true", help="plain SGD step (for comparison)")
+    p.add_argument("--quick", action="store_true", help="a short schedule for tests and demonstrations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
+    p.add_argument("--gpu-mem", type=float, help="GPU memory ceiling in GB (GPU path)")
+
+
+def _abinit_settings(args) -> AbinitSettings:
+    values = {
+        "initial_resolution": args.initial_resolution,
+        "max_resolution": args.max_resolution,
+        "sgd_resolution": args.sgd_resolution,
+        "n_initial_iterations": args.n_initial_iterations,
+        "n_final_iterations": args.n_final_iterations,
+        "initial_batch": args.initial_batch,
+        "final_batch": args.final_batch,
+        "initial_learning_rate": args.learning_rate,
+        "n_final_passes": args.n_final_passes,
+        "mask_radius": args.mask_radius,
+        "min_resolution": args.min_resolution,
+        "preconditioner": not args.no_preconditioner,
+        "seed": args.seed,
+    }
+    if args.quick:
+        values.update(QUICK_SCHEDULE)
+    for name in ("n_initial_iterations", "initial_batch", "final_batch"):
+        if values[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {values[name]}")
+    return AbinitSettings(**values)
+
+
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="the gold-standard job: two half maps from scratch, aligned, with their FSC")
+    _add_abinit_arguments(p)
+    p.add_argument("--n-particles", type=int, default=0, help="particles to use (0: all; the rest are unused)")
+    p.add_argument("--no-keep-split", action="store_true", help="ignore an input rlnRandomSubset / cryoSPARC split")
+    p.add_argument("--align-every", type=int, default=40, help="SGD iterations between half-map alignments")
+    p.add_argument("--checkpoint-minutes", type=float, default=2.0)
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    p.set_defaults(func=run_run)
+
+
+def run_run(args) -> dict:
+    settings = JobSettings(
+        abinit=_abinit_settings(args),
+        n_particles=args.n_particles,
+        keep_split=not args.no_keep_split,
+        seed=args.seed,
+        align_every=args.align_every,
+        checkpoint_seconds=60.0 * args.checkpoint_minutes,
+    )
+    return gold_standard_job(
+        args.particles, args.out, settings, args.device, args.overwrite, args.image_root, log=log.info
+    )
+
+
+def add_abinit(sub) -> None:
+    p = sub.add_parser("abinit", help="one ab initio map from all given particles (no half sets)")
+    _add_abinit_arguments(p)
+    p.add_argument("--save-every", type=int, default=50, help="write the map every N iterations (0: never)")
+    p.set_defaults(func=run_abinit)
+
+
+def run_abinit(args) -> dict:
+    return single_abinit_job(
+        args.particles, args.out, _abinit_settings(args), args.device, args.save_every, args.image_root, log.info
+    )
+
+
+def add_align(sub) -> None:
+    p = sub.add_parser("align", help="align map B onto map A (rotation, shift and hand)")
+    p.add_argument("map_a")
+    p.add_argument("map_b")
+    p.add_argument("--out", help="write map B, aligned, to this MRC file")
+    p.add_argument("--no-mirror", action="store_true", help="do not try the other hand")
+    p.set_defaults(func=run_align)
+
+
+def run_align(args) -> dict:
+    a, pixel_size = read_map(args.map_a)
+    b, _ = read_map(args.map_b)
+    if a.shape != b.shape:
+        raise ValueError(f"{args.map_a} {a.shape} and {args.map_b} {b.shape} differ in box size")
+    alignment = align_maps(a, b, pixel_size, AlignSettings(allow_mirror=not args.no_mirror))
+    angles = matrix_to_euler(alignment.rotation[None])[0]
+    aligned = transform_map(b, alignment)
+    print(f"map B -> map A: rotation (rot, tilt, psi) {np.round(angles, 2).tolist()} deg, ")
+    hand = "mirrored" if alignment.mirrored else "same"
+    print(f"  shift {np.round(alignment.shift * pixel_size, 2).tolist()} A, hand {hand}")
+    after = resolution_at(fsc(a, aligned), 0.5, pixel_size)
+    print(f"  correlation {alignment.score:.3f}; FSC 0.5 after alignment at {after:.2f} A")
+    if args.out:
+        write_map(args.out, aligned, pixel_size)
+        print(f"  aligned map B: {args.out}")
+    return alignment.to_dict()
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -234,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="habinit", description="Homogeneous ab-initio refinement engine (gold-standard SGD ab initio)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_simulate, add_reconstruct, add_fsc, add_demo):
+    for add in (add_simulate, add_reconstruct, add_fsc, add_abinit, add_run, add_align, add_demo):
         add(sub)
     return parser
 

@@ -427,6 +427,7 @@ def write_particles_star(
     """
     index = np.arange(len(particles)) if index is None else np.asarray(index, dtype=np.int64)
     table = particles.table.take(index)
+    table.set_column("rlnImageName", _portable_image_names(particles, index, table))
     if rotations is not None:
         table.drop_columns(OLD_ORIGIN_COLUMNS)
         angles = matrix_to_euler(rotations)
@@ -445,3 +446,17 @@ def write_particles_star(
     if not optics.has("rlnImageDimensionality"):
         optics.set_column("rlnImageDimensionality", [2] * len(optics))
     write_star(path, [optics, table])
+
+
+def _portable_image_names(particles: ParticleSet, index: np.ndarray, table: StarBlock) -> list[str]:
+    """Image names that still resolve from anywhere: an input name is kept when it is
+    absolute or relative to the current folder (RELION's project-folder convention);
+    a name that was relative to the input STAR file's folder becomes absolute."""
+    names = []
+    cwd = os.getcwd()
+    for name, stack, slice_ in zip(table.text("rlnImageName"), particles.stack_of[index], particles.slice_of[index]):
+        file = name.partition("@")[2] or name
+        resolved = particles.stacks[stack]
+        here = os.path.abspath(os.path.join(cwd, file))
+        names.append(name if here == os.path.abspath(resolved) else f"{slice_ + 1:06d}@{resolved}")
+    return names

@@ -273,22 +273,26 @@ class LocalSettings:
 
 @lru_cache(maxsize=16)
 def _local_perturbations(step_deg: float) -> np.ndarray:
-    """3x3x3 rotation vectors at +-step about x, y, z -> (27, 3, 3) matrices (identity first)."""
-    offsets = np.array([0.0, -1.0, 1.0]) * np.deg2rad(step_deg)
-    vecs = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
+    """Identity and turns of +-step about x, y and z -> (7, 3, 3) matrices (identity first)."""
+    vecs = np.zeros((7, 3))
+    vecs[1:] = np.concatenate([np.eye(3), -np.eye(3)]) * np.deg2rad(step_deg)
     return rotvec_to_matrix(vecs)
 
 
 def local_search(
     grid, oversampling: int, batch: ImageBatch, rotations, origins, settings: LocalSettings
 ) -> SearchResult:
-    """Refine poses (B, 3, 3) and origins (B, 2) by a greedy local search, best pose only."""
+    """Refine poses (B, 3, 3) and origins (B, 2) by a greedy local search, best pose only.
+
+    Each step tries the current pose and turns of +-angle about x, y, z, each with a
+    3 x 3 shift neighbourhood; angle and shift steps halve after the second step.
+    """
     current_r = np.asarray(rotations, dtype=np.float64)[:, None]  # (B, 1, 3, 3)
     current_o = np.asarray(origins, dtype=np.float64)[:, None]  # (B, 1, 2)
     band = batch.band(settings.radius, settings.min_radius)
     angle, shift = settings.angle_step, settings.shift_step
     energies = np.zeros((len(current_r), 1))
-    for _ in range(settings.n_steps):
+    for step in range(settings.n_steps):
         perturb = _local_perturbations(round(angle, 6))
         candidates = np.einsum("pij,bkjl->bkpil", perturb, current_r)  # (B, 1, 27, 3, 3)
         deltas = shift_grid(shift * 1.5, shift)
@@ -297,8 +301,9 @@ def local_search(
         )
         r_idx = best % len(perturb)
         current_r = np.take_along_axis(candidates[:, 0], r_idx[:, :, None, None], axis=1)
-        angle /= 2.0
-        shift /= 2.0
+        if step > 0:  # the first two steps share the initial size: one axis moves per step
+            angle /= 2.0
+            shift /= 2.0
     return SearchResult(current_r, current_o, energies - energies[:, :1])
 
 

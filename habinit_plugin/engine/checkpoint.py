@@ -1,0 +1,107 @@
+"""Crash-safe checkpoints without pickle: arrays in .npz, everything else in JSON.
+
+A checkpoint is ``state.json`` plus the ``.npz`` files it names. New array files get
+a new generation number and ``state.json`` is replaced atomically last, so a kill
+at any moment leaves either the old checkpoint or the new one, never a mixture.
+Files are read with ``allow_pickle=False``: a crafted file cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (another job's, or damaged)."""
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write JSON atomically (temporary file, fsync, rename); NaN/inf become null."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(data), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc})") from exc
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Checkpoint:
+    """The checkpoint folder of one job, identified by a job key (a string)."""
+
+    def __init__(self, folder: str | Path, job_key: str):
+        self.folder = Path(folder)
+        self.job_key = job_key
+        self.state_path = self.folder / "state.json"
+
+    def exists(self) -> bool:
+        return self.state_path.is_file()
+
+    def load(self) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+        """(state, arrays by group). Raises CheckpointError for another job's checkpoint."""
+        state = read_json(self.state_path)
+        if state.get("job_key") != self.job_key:
+            raise CheckpointError(
+                f"{self.folder} holds the checkpoint of a different job (other particles or parameters); "
+                "use --overwrite to start over or choose another output folder"
+            )
+        arrays = {}
+        for group, name in state.get("arrays", {}).items():
+            path = self.folder / name
+            if Path(name).name != name or not path.is_file():
+                raise CheckpointError(f"{self.state_path}: array file {name!r} is missing")
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    arrays[group] = {k: data[k] for k in data.files}
+            except (ValueError, OSError) as exc:
+                raise CheckpointError(f"{path}: cannot be read safely ({exc}); use --overwrite") from exc
+        return state, arrays
+
+    def save(self, state: dict, arrays: dict[str, dict[str, np.ndarray]]) -> None:
+        """Write array groups under a new generation, then state.json, then drop old files."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        generation = int(state.get("generation", 0)) + 1
+        names = {}
+        for group, values in arrays.items():
+            name = f"{group}.{generation}.npz"
+            tmp = self.folder / (name + ".tmp.npz")
+            np.savez(tmp, **values)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.folder / name)
+            names[group] = name
+        state = dict(state, generation=generation, arrays=names, job_key=self.job_key)
+        write_json(self.state_path, state)
+        keep = set(names.values()) | {"state.json"}
+        for path in self.folder.iterdir():
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+        state.update(generation=generation)
+        return state

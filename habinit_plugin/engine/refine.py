@@ -1,0 +1,313 @@
+"""The gold-standard job: two half maps from scratch, aligned, with their FSC.
+
+Each half set gets its own :class:`AbinitRun` with its own random start; the two
+are advanced in turn on one device. What passes between them is only the rigid
+transform that puts half B onto half A (rotation, shift, hand) and, for reporting,
+the FSC between them: half A never reads anything of half B, so changing half B's
+images cannot change half map A (tests/test_refine.py proves it bit for bit).
+
+Phases: SGD ab initio of both halves (with an alignment and the gold-standard
+FSC every ``align_every`` iterations, to report the resolution per iteration);
+one global full pass per half; alignment of B onto A, applied to B's map and to
+every pose of B; local full passes per half; outputs. A checkpoint is written
+every ``checkpoint_seconds`` and at each phase boundary; rerunning resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .abinit import AbinitRun, AbinitSettings, PassResult, full_pass
+from .align3d import Alignment, align_maps, apply_to_poses, transform_map
+from .checkpoint import Checkpoint
+from .fsc import fsc, resolution_at
+from .halves import assign_half_sets
+from .particles import ParticleError, ParticleSet
+
+HALVES = ("A", "B")
+MIN_PARTICLES_PER_HALF = 2
+
+
+@dataclass
+class JobSettings:
+    """The job's parameters. ``n_particles`` 0 uses every particle."""
+
+    abinit: AbinitSettings = field(default_factory=AbinitSettings)
+    n_particles: int = 0
+    keep_split: bool = True
+    seed: int = 0
+    align_every: int = 40
+    checkpoint_seconds: float = 120.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class JobResult:
+    """What the job produced (host arrays; resolutions in Angstrom)."""
+
+    maps: dict[str, np.ndarray]
+    fsc: np.ndarray
+    resolution_0143: float
+    resolution_05: float
+    used: np.ndarray
+    unused: np.ndarray
+    half_set: np.ndarray
+    rotations: np.ndarray
+    origins: np.ndarray
+    alignment: Alignment
+    history: list[dict]
+    timings: dict[str, float]
+    warnings: list[str]
+
+
+def job_key(particles: ParticleSet, settings: JobSettings) -> str:
+    """A fingerprint of the input particles (ids, images, CTF) and the parameters."""
+    h = hashlib.sha256()
+    h.update(json.dumps(settings.to_dict(), sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(particles.ids).tobytes())
+    h.update("|".join(particles.stacks).encode())
+    h.update(np.ascontiguousarray(particles.slice_of).tobytes())
+    h.update(np.ascontiguousarray(particles.ctf.defocus_u).tobytes())
+    return h.hexdigest()[:24]
+
+
+def choose_particles(particles: ParticleSet, settings: JobSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(used rows, unused rows, half set of the used rows, how the split was made)."""
+    n = len(particles)
+    rng = np.random.default_rng(settings.seed)
+    if 0 < settings.n_particles < n:
+        used = np.sort(rng.choice(n, size=settings.n_particles, replace=False))
+    else:
+        used = np.arange(n)
+    unused = np.setdiff1d(np.arange(n), used)
+    half, how = assign_half_sets(particles.subset(used), settings.seed, keep_existing=settings.keep_split)
+    for h in (1, 2):
+        count = int(np.sum(half == h))
+        if count < MIN_PARTICLES_PER_HALF:
+            raise ParticleError(
+                f"{particles.source}: half set {h} has {count} particle(s) ({how}); the job needs at least "
+                f"{MIN_PARTICLES_PER_HALF} per half set (and a few hundred for a useful map)"
+            )
+    return used, unused, half, how
+
+
+class GoldStandardJob:
+    """Runs (or resumes) the job on ``particles`` with its state in ``out/checkpoint``."""
+
+    def __init__(self, particles: ParticleSet, settings: JobSettings, out: str | Path, xp=np, log=None):
+        self.particles = particles
+        self.settings = settings
+        self.out = Path(out)
+        self.xp = xp
+        self.log = log or (lambda message: None)
+        self.used, self.unused, self.half_set, self.split_how = choose_particles(particles, settings)
+        self.checkpoint = Checkpoint(self.out / "checkpoint", job_key(particles, settings))
+        self.runs = {
+            name: AbinitRun(
+                particles.subset(self.used[self.half_set == h]),
+                _half_settings(settings, h),
+                xp=xp,
+            )
+            for h, name in ((1, "A"), (2, "B"))
+        }
+        self.state = {"phase": "sgd", "pass": 0, "history": [], "timings": {}, "alignment": Alignment().to_dict()}
+        self.volumes: dict[str, np.ndarray] = {}
+        self.passes: dict[str, PassResult] = {}
+        self._last_save = time.time()
+
+    # -------------------------------------------------------------- checkpoints
+
+    def resume(self) -> bool:
+        """Load the checkpoint if there is one; True when it was loaded."""
+        if not self.checkpoint.exists():
+            return False
+        state, arrays = self.checkpoint.load()
+        for name, run in self.runs.items():
+            run.set_state(arrays[name], state["runs"][name])
+        self.volumes = {name: arrays["volumes"][name] for name in HALVES if name in arrays.get("volumes", {})}
+        self.state = state
+        self.log(f"resumed from {self.checkpoint.folder} (phase {state['phase']}, iteration {self._iteration()})")
+        return True
+
+    def save(self) -> None:
+        arrays, metas = {}, {}
+        for name, run in self.runs.items():
+            arrays[name], metas[name] = run.get_state()
+        if self.volumes:
+            arrays["volumes"] = dict(self.volumes)
+        self.state = self.checkpoint.save(dict(self.state, runs=metas), arrays)
+        self._last_save = time.time()
+
+    def _maybe_save(self) -> None:
+        if time.time() - self._last_save >= self.settings.checkpoint_seconds:
+            self.save()
+
+    def _iteration(self) -> int:
+        return min(run.iteration for run in self.runs.values())
+
+    def _add_time(self, phase: str, seconds: float) -> None:
+        self.state["timings"][phase] = self.state["timings"].get(phase, 0.0) + seconds
+
+    # -------------------------------------------------------------------- phases
+
+    def run(self) -> JobResult:
+        if self.state["phase"] == "sgd":
+            self._sgd_phase()
+        if self.state["phase"] == "passes":
+            self._pass_phase()
+        return self._result()
+
+    def _sgd_phase(self) -> None:
+        run_a, run_b = self.runs["A"], self.runs["B"]
+        total = run_a.schedule.n_iterations
+        every = max(1, self.settings.align_every)
+        t_start, it_start = time.time(), self._iteration()
+        while self._iteration() < total:
+            t0 = time.time()
+            entries = [run.step() for run in (run_a, run_b)]
+            self._add_time("sgd", time.time() - t0)
+            t = self._iteration()
+            if t % every == 0 or t == total:
+                self._monitor(t)
+            if t % 10 == 0 or t == total:
+                rate = (time.time() - t_start) / max(t - it_start, 1)
+                self.log(
+                    f"SGD iteration {t}/{total}: resolution {entries[0].resolution:.1f} A, minibatch "
+                    f"{entries[0].batch}, pose change A {entries[0].pose_change:.1f} B {entries[1].pose_change:.1f} "
+                    f"deg, {rate:.2f} s/iteration, about {rate * (total - t) / 60:.1f} min left in the SGD phase"
+                )
+            self._maybe_save()
+        self.state["phase"] = "passes"
+        self.save()
+
+    def _monitor(self, iteration: int) -> None:
+        """Align the current B model onto A and record the gold-standard FSC (reporting only)."""
+        t0 = time.time()
+        map_a, map_b = self.runs["A"].model_map(), self.runs["B"].model_map()
+        alignment = align_maps(map_a, map_b, self.particles.pixel_size)
+        curve = fsc(map_a, transform_map(map_b, alignment))
+        px = self.particles.pixel_size
+        entry = {
+            "iteration": iteration,
+            "phase": "sgd",
+            "resolution_0143": resolution_at(curve, 0.143, px),
+            "resolution_05": resolution_at(curve, 0.5, px),
+            "working_resolution": self.runs["A"].schedule.resolution(iteration - 1),
+            "mirrored": alignment.mirrored,
+        }
+        self.state["history"].append(entry)
+        self._add_time("alignment", time.time() - t0)
+        self.log(
+            f"  half maps at iteration {iteration}: GS-FSC 0.143 at {entry['resolution_0143']:.1f} A "
+            f"(B {'mirrored' if alignment.mirrored else 'same hand'}, alignment {time.time() - t0:.1f} s)"
+        )
+
+    def _pass_phase(self) -> None:
+        s = self.settings.abinit
+        n_passes = max(1, s.n_final_passes)
+        while self.state["pass"] < n_passes:
+            n = self.state["pass"]
+            for name, run in self.runs.items():
+                self._one_pass(name, run, n)
+            if n == 0:
+                self._align_halves()
+            self._record_pass(n)
+            self.state["pass"] = n + 1
+            self.save()
+        self.state["phase"] = "done"
+        self.save()
+
+    def _one_pass(self, name: str, run: AbinitRun, n: int) -> None:
+        t0 = time.time()
+        radius = self._pass_radius(name, run, n)
+        reference = self.volumes.get(name)
+        if reference is None:
+            reference = run.model_map()
+        result = full_pass(run, reference, radius, local=n > 0, split_seed=run.settings.seed + n)
+        self.volumes[name] = result.volume
+        self.state.setdefault("pass_resolution", {})[name] = result.resolution
+        self._add_time(f"pass {n + 1}", time.time() - t0)
+        self.log(
+            f"pass {n + 1} half {name} ({'local' if n else 'global'} search at "
+            f"{run.box * run.pixel_size / radius:.1f} A): FSC within the half 0.143 at {result.resolution:.2f} A, "
+            f"{time.time() - t0:.1f} s"
+        )
+
+    def _pass_radius(self, name: str, run: AbinitRun, n: int) -> float:
+        """Search band of pass n: the SGD resolution, then 15% beyond the half's own resolution."""
+        s = run.settings
+        max_radius = run.radius(s.max_resolution) if s.max_resolution else float(run.r_limit)
+        radius = run.radius(run.sgd_resolution)
+        if n == 0:
+            return radius
+        own = self.state["pass_resolution"][name]
+        return min(max_radius, max(radius, 1.15 * run.box * run.pixel_size / own))
+
+    def _align_halves(self) -> None:
+        """Put half B onto half A: its map and every one of its poses."""
+        t0 = time.time()
+        px = self.particles.pixel_size
+        alignment = align_maps(self.volumes["A"], self.volumes["B"], px)
+        run_b = self.runs["B"]
+        self.volumes["B"] = np.asarray(transform_map(self.volumes["B"], alignment))
+        run_b.rotations, run_b.origins = apply_to_poses(alignment, run_b.rotations, run_b.origins)
+        self.state["alignment"] = alignment.to_dict()
+        self._add_time("alignment", time.time() - t0)
+        self.log(
+            f"aligned half B onto half A: {'mirrored' if alignment.mirrored else 'same hand'}, "
+            f"shift {np.round(alignment.shift, 2).tolist()} px, score {alignment.score:.3f}"
+        )
+
+    def _record_pass(self, n: int) -> None:
+        curve = fsc(self.volumes["A"], self.volumes["B"])
+        px = self.particles.pixel_size
+        entry = {
+            "iteration": self.runs["A"].schedule.n_iterations + n + 1,
+            "phase": f"pass {n + 1}",
+            "resolution_0143": resolution_at(curve, 0.143, px),
+            "resolution_05": resolution_at(curve, 0.5, px),
+        }
+        self.state["history"].append(entry)
+        self.log(f"after pass {n + 1}: gold-standard FSC 0.143 at {entry['resolution_0143']:.2f} A")
+
+    # -------------------------------------------------------------------- result
+
+    def _result(self) -> JobResult:
+        px = self.particles.pixel_size
+        curve = fsc(self.volumes["A"], self.volumes["B"])
+        n_used = len(self.used)
+        rotations = np.empty((n_used, 3, 3))
+        origins = np.empty((n_used, 2))
+        for h, name in ((1, "A"), (2, "B")):
+            rows = np.flatnonzero(self.half_set == h)
+            rotations[rows] = self.runs[name].rotations
+            origins[rows] = self.runs[name].origins
+        return JobResult(
+            maps=dict(self.volumes),
+            fsc=curve,
+            resolution_0143=resolution_at(curve, 0.143, px),
+            resolution_05=resolution_at(curve, 0.5, px),
+            used=self.used,
+            unused=self.unused,
+            half_set=self.half_set,
+            rotations=rotations,
+            origins=origins,
+            alignment=Alignment.from_dict(self.state["alignment"]),
+            history=self.state["history"],
+            timings=dict(self.state["timings"]),
+            warnings=[],
+        )
+
+
+def _half_settings(settings: JobSettings, half: int) -> AbinitSettings:
+    """Each half starts from its own random volume and minibatch order."""
+    seed = int(np.random.SeedSequence([settings.seed, half]).generate_state(1)[0])
+    return AbinitSettings(**dict(asdict(settings.abinit), seed=seed))

@@ -1,0 +1,225 @@
+"""The gold-standard job: independence of the halves, outputs, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+from habinit_plugin.engine import density, outputs
+from habinit_plugin.engine.abinit import AbinitSettings
+from habinit_plugin.engine.checkpoint import CheckpointError
+from habinit_plugin.engine.jobs import gold_standard_job
+from habinit_plugin.engine.particles import load_particles
+from habinit_plugin.engine.refine import GoldStandardJob, JobSettings
+from habinit_plugin.engine.simulate import SimulationSettings, simulate_dataset
+from habinit_plugin.engine.star import read_star, write_star
+
+PIXEL_SIZE = 3.6
+TINY = {
+    "n_initial_iterations": 12,
+    "n_final_iterations": 4,
+    "initial_batch": 24,
+    "final_batch": 40,
+    "n_final_passes": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    """160 particles of the bundled protein, box 32, SNR 1."""
+    out = tmp_path_factory.mktemp("tiny")
+    volume = density.bundled_protein_map(32, PIXEL_SIZE)
+    return simulate_dataset(volume, PIXEL_SIZE, out, SimulationSettings(n_particles=160, snr=1.0, seed=5))
+
+
+def _settings(**job) -> JobSettings:
+    return JobSettings(abinit=AbinitSettings(**TINY), align_every=6, checkpoint_seconds=0.0, **job)
+
+
+def _copy_with_changed_pixels(paths, folder: Path, rows: np.ndarray) -> Path:
+    """A copy of the set whose images ``rows`` are replaced by fresh noise."""
+    folder.mkdir()
+    shutil.copy(paths["particles"], folder / "particles.star")
+    shutil.copy(paths["stack"], folder / "particles.mrcs")
+    with mrcfile.mmap(folder / "particles.mrcs", "r+") as mrc:
+        rng = np.random.default_rng(99)
+        mrc.data[rows] = rng.standard_normal(mrc.data[rows].shape).astype(np.float32)
+    return folder / "particles.star"
+
+
+def test_half_a_does_not_see_half_b(tiny_set, tmp_path):
+    """Changing the images of half B leaves half map A bit for bit the same, over a run with
+    alignments and checkpoints; and changing half A's images leaves half B's SGD model
+    (before its alignment onto A) bit for bit the same."""
+    particles = load_particles(tiny_set["particles"])
+    first = GoldStandardJob(particles, _settings(), tmp_path / "run1")
+    result = first.run()
+    rows_b = first.used[first.half_set == 2]
+    rows_a = first.used[first.half_set == 1]
+    assert len(result.history) >= 3  # alignments happened during SGD and after the passes
+    assert (tmp_path / "run1" / "checkpoint" / "state.json").is_file()
+
+    changed_b = load_particles(_copy_with_changed_pixels(tiny_set, tmp_path / "changed_b", rows_b))
+    second = GoldStandardJob(changed_b, _settings(), tmp_path / "run2")
+    result_b = second.run()
+    assert np.array_equal(result.maps["A"], result_b.maps["A"])
+    assert not np.array_equal(result.maps["B"], result_b.maps["B"])  # the change did reach half B
+
+    changed_a = load_particles(_copy_with_changed_pixels(tiny_set, tmp_path / "changed_a", rows_a))
+    sgd_only = [GoldStandardJob(p, _settings(), tmp_path / f"sgd{i}") for i, p in enumerate((particles, changed_a))]
+    for job in sgd_only:
+        job._sgd_phase()
+    assert np.array_equal(sgd_only[0].runs["B"].grid, sgd_only[1].runs["B"].grid)
+    assert not np.array_equal(sgd_only[0].runs["A"].grid, sgd_only[1].runs["A"].grid)
+
+
+def _habinit(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "habinit_plugin.engine", *args], capture_output=True, text=True, **kwargs
+    )
+
+
+def _tiny_args(particles, out, *extra):
+    return [
+        "run", "--particles", str(particles), "--out", str(out),
+        "--n-initial-iterations", "12", "--n-final-iterations", "4", "--initial-batch", "24", "--final-batch", "40",
+        "--n-final-passes", "2", "--align-every", "6", "--checkpoint-minutes", "0", *extra,
+    ]  # fmt: skip
+
+
+def test_outputs_keep_every_particle(tiny_set, tmp_path):
+    out = tmp_path / "job"
+    r = _habinit(*_tiny_args(tiny_set["particles"], out, "--n-particles", "120", "--max-resolution", "2"))
+    assert r.returncode == 0, r.stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["n_used"] == 120 and info["n_unused"] == 40
+    assert any("Nyquist" in w for w in info["warnings"])  # 2 A was clamped to 7.2 A, and said so
+    used = load_particles(out / "particles.star")
+    unused = load_particles(out / "unused_particles.star")
+    source = load_particles(tiny_set["particles"])
+    assert sorted([*used.ids, *unused.ids]) == sorted(source.ids)
+    assert set(used.half_set) == {1, 2} and used.rotations is not None
+    # every input column is kept, with its values, and images still resolve from the new folder
+    columns = read_star(tiny_set["particles"])["particles"].columns
+    table = read_star(out / "particles.star")["particles"]
+    for column in columns:
+        assert column in table.columns
+    by_id = {int(i): k for k, i in enumerate(source.ids)}
+    rows = [by_id[int(i)] for i in used.ids]
+    assert np.allclose(used.ctf.defocus_u, source.ctf.defocus_u[rows])
+    assert np.array_equal(used.read_images([0, 5]), source.read_images([rows[0], rows[5]]))
+    for name in ("half_map_A.mrc", "half_map_B.mrc", "map.mrc"):
+        with mrcfile.open(out / name) as mrc:
+            assert mrc.data.shape == (32, 32, 32) and abs(float(mrc.voxel_size.x) - PIXEL_SIZE) < 1e-3
+    report = json.loads((out / "fsc.json").read_text())
+    assert report["resolution_0143"] == info["resolution_0143"] and len(report["curve"]) == 17
+    for png in ("fsc.png", "resolution_per_iteration.png", "angular_distribution.png", "half_map_slices.png"):
+        assert (out / png).stat().st_size > 1000
+    # the same command again returns the finished result without recomputing
+    t0 = time.time()
+    r = _habinit(*_tiny_args(tiny_set["particles"], out, "--n-particles", "120", "--max-resolution", "2"))
+    assert r.returncode == 0 and "already holds the finished result" in r.stdout
+    assert time.time() - t0 < 30
+
+
+def test_killed_run_resumes(tiny_set, tmp_path):
+    out = tmp_path / "job"
+    args = _tiny_args(tiny_set["particles"], out, "--n-initial-iterations", "30")
+    process = subprocess.Popen([sys.executable, "-m", "habinit_plugin.engine", *args], stdout=subprocess.PIPE)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text()).get("runs", {}).get("A", {}).get("iteration", 0) >= 4:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = json.loads(state.read_text())
+    assert saved["phase"] == "sgd", "the kill should land in the SGD phase"
+    assert not (out / "run.json").exists()
+    r = _habinit(*args)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["resumed"]
+    assert info["resolution_0143"] < 20.0
+
+
+def test_kill_while_writing_outputs_leaves_nothing_complete(tiny_set, tmp_path, monkeypatch):
+    particles = str(tiny_set["particles"])
+    gold_standard_job(particles, tmp_path, _settings(), log=lambda m: None)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(outputs.plots, "plot_fsc", killed)
+    os.remove(tmp_path / "run.json")  # as after a kill before the outputs were complete
+    with pytest.raises(KeyboardInterrupt):
+        gold_standard_job(particles, tmp_path, _settings(), log=lambda m: None, overwrite=False)
+    assert not (tmp_path / "run.json").exists()  # the maps on disk do not pass for a finished result
+
+
+def test_other_jobs_checkpoint_is_refused(tiny_set, tmp_path):
+    r = _habinit(*_tiny_args(tiny_set["particles"], tmp_path, "--n-initial-iterations", "2", "--n-final-passes", "1"))
+    assert r.returncode == 0, r.stderr
+    r = _habinit(*_tiny_args(tiny_set["particles"], tmp_path, "--n-initial-iterations", "3"))
+    assert r.returncode == 2 and "checkpoint of a different job" in r.stderr
+    assert "--overwrite" in r.stderr
+
+
+def test_crafted_checkpoint_cannot_run_code(tiny_set, tmp_path):
+    particles = load_particles(tiny_set["particles"])
+    job = GoldStandardJob(particles, _settings(), tmp_path)
+    job.save()
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    np.save(tmp_path / "checkpoint" / "evil.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    os.replace(tmp_path / "checkpoint" / "evil.npy", tmp_path / "checkpoint" / state["arrays"]["A"])
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        GoldStandardJob(particles, _settings(), tmp_path).resume()
+
+
+def _with_split(paths, folder: Path, values) -> Path:
+    blocks = read_star(paths["particles"])
+    table = blocks["particles"]
+    table.set_column("rlnRandomSubset", values)
+    folder.mkdir()
+    shutil.copy(paths["stack"], folder / "particles.mrcs")
+    write_star(folder / "particles.star", [blocks["optics"], table])
+    return folder / "particles.star"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (lambda n: [1] * (n - 1) + [2], "at least 2 per half set"),
+        (lambda n: [1, 2, 3] * (n // 3) + [1] * (n % 3), "must be 1 or 2"),
+    ],
+)
+def test_bad_split_is_a_clear_error(tiny_set, tmp_path, values, message):
+    star = _with_split(tiny_set, tmp_path / "in", values(160))
+    r = _habinit(*_tiny_args(star, tmp_path / "out"))
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_requested_without_gpu(tiny_set, tmp_path):
+    try:
+        import cupy  # noqa: F401
+
+        pytest.skip("CuPy is installed here")
+    except ImportError:
+        pass
+    r = _habinit(*_tiny_args(tiny_set["particles"], tmp_path / "out", "--device", "gpu"))
+    assert r.returncode == 2 and "gpu" in r.stderr.lower()
+    assert not (tmp_path / "out").exists()
