@@ -61,7 +61,7 @@ class AbinitSettings:
     """
 
     n_initial_iterations: int = 120
-    n_final_iterations: int = 120
+    n_final_iterations: int = 60
     initial_resolution: float = 35.0
     max_resolution: float | None = None
     sgd_resolution: float = 10.0

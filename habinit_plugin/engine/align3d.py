@@ -13,6 +13,7 @@ with sub-voxel translations from a parabolic fit of the correlation peak.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,27 +93,37 @@ def _rotated_samples(grid, oversampling, k, matrix):
 
 @dataclass
 class AlignSettings:
-    """Resolutions in Angstrom; boxes in pixels."""
+    """Resolutions in Angstrom. The working boxes are the smallest that hold each resolution."""
 
     coarse_resolution: float = 15.0
     fine_resolution: float = 8.0
-    coarse_box: int = 24
-    fine_box: int = 48
-    level: int = 2
-    candidates: int = 4
+    level: int = 1
+    candidates: int = 3
     refine_steps: int = 5
     initial_step: float = 8.0  # degrees
     allow_mirror: bool = True
 
 
+def working_box(n: int, pixel_size: float, resolution: float) -> int:
+    """Smallest even box (at most n) whose Nyquist, after resampling, reaches ``resolution``."""
+    needed = 2 * math.ceil(n * pixel_size / resolution) + 4
+    return int(min(n, needed + needed % 2))
+
+
 def align_maps(reference, moving, pixel_size: float, settings: AlignSettings | None = None, xp=None) -> Alignment:
-    """Find the alignment that puts ``moving`` onto ``reference`` (both (N, N, N))."""
+    """Find the alignment that puts ``moving`` onto ``reference`` (both (N, N, N)).
+
+    Every rotation of a Hopf grid, in both hands, is scored at ``coarse_resolution``
+    with an FFT translation search; the best few are refined locally at
+    ``fine_resolution`` with the correlation at the sub-voxel shift.
+    """
     settings = settings or AlignSettings()
     xp = xp or array_module(reference)
     reference = xp.asarray(reference, dtype=xp.float32)
     moving = xp.asarray(moving, dtype=xp.float32)
     n = reference.shape[0]
-    coarse = _Problem(reference, moving, pixel_size, min(settings.coarse_box, n), settings.coarse_resolution)
+    coarse_box = working_box(n, pixel_size, settings.coarse_resolution)
+    coarse = _Problem(reference, moving, pixel_size, coarse_box, settings.coarse_resolution)
     hands = [np.eye(3)] + ([-np.eye(3)] if settings.allow_mirror else [])
     rotations = grid_rotations(settings.level)
     scored = []
@@ -121,9 +132,10 @@ def align_maps(reference, moving, pixel_size: float, settings: AlignSettings | N
         scores, shifts = coarse.score(matrices, exact=False)
         top = np.argsort(-scores)[: settings.candidates]
         scored += [(float(scores[i]), matrices[i], shifts[i]) for i in top]
-    fine = _Problem(reference, moving, pixel_size, min(settings.fine_box, n), settings.fine_resolution)
+    fine_box = working_box(n, pixel_size, settings.fine_resolution)
+    fine = _Problem(reference, moving, pixel_size, fine_box, settings.fine_resolution)
     best = None
-    for _, matrix, _ in sorted(scored, key=lambda s: -s[0])[: 2 * settings.candidates]:
+    for _, matrix, _ in sorted(scored, key=lambda s: -s[0]):
         refined = _refine(fine, matrix, settings)
         if best is None or refined.score > best.score:
             best = refined
