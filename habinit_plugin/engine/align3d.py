@@ -71,6 +71,7 @@ def transform_map(volume, alignment: Alignment, oversampling: int = 2):
     values = _rotated_samples(grid, oversampling, k, alignment.matrix)
     t = xp.asarray(alignment.shift, dtype=xp.float32)
     values = values * xp.exp((-2j * np.pi / n) * (k @ t)).astype(xp.complex64)
+    values = values * ((k**2).sum(axis=1) <= (n // 2) ** 2)  # corners beyond Nyquist would be clamped copies
     return centered_ifftn(values.reshape(n, n, n)).real.astype(xp.float32)
 
 
