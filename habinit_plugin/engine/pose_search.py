@@ -246,7 +246,11 @@ def _refine_candidates(
         centre_ramps = phase_shift(freqs, xp.asarray(origins[rows]), batch.box)
         e = _local_energies(batch, band, proj, centre_ramps, delta_ramps, rows, scale_invariant)  # (b, K, D, R)
         moved = origins[rows][:, :, None, :] + deltas[None, None, :, :]  # (b, K, D, 2)
-        outside = np.hypot(moved[..., 0], moved[..., 1]) > max_shift + 1e-6
+        # beyond max_shift only moves back inwards are allowed (an origin may start outside,
+        # e.g. after the half maps were aligned)
+        distance = np.hypot(moved[..., 0], moved[..., 1])
+        start = np.hypot(origins[rows][..., 0], origins[rows][..., 1])[:, :, None]
+        outside = (distance > max_shift + 1e-6) & (distance > start + 1e-6)
         e = e + xp.asarray(np.where(outside, np.inf, 0.0)[..., None], dtype=e.dtype)
         top, vals = _top_k(e.reshape(b, -1), beam)
         top = to_numpy(top)
