@@ -363,12 +363,14 @@ class AbinitRun:
         return to_numpy(resample_volume(volume, self.box))
 
     def run_sgd(self, report_every: int = 10, on_iteration=None) -> None:
-        while self.iteration < self.schedule.n_iterations:
+        total, start, t0 = self.schedule.n_iterations, self.iteration, time.time()
+        while self.iteration < total:
             entry = self.step()
             if on_iteration is not None:
                 on_iteration(self, entry)
-            if entry.iteration % report_every == 0 or self.iteration == self.schedule.n_iterations:
-                self.log(_format_log(entry, self.schedule.n_iterations))
+            if entry.iteration % report_every == 0 or self.iteration == total:
+                left = (time.time() - t0) / (self.iteration - start) * (total - self.iteration)
+                self.log(f"{_format_log(entry, total)}, {left / 60:.1f} min left in the SGD phase")
 
     def settings_dict(self) -> dict:
         return asdict(self.settings)
