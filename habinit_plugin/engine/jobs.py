@@ -57,6 +57,13 @@ def _versions() -> dict:
     }
 
 
+def _open_inputs(particles_path: str, device: str, image_root, settings: AbinitSettings, log):
+    """The array module, the particles (validated) and the warnings about the settings."""
+    xp = get_xp(device)
+    particles = load_particles(particles_path, image_root=image_root)
+    return xp, particles, clamp_max_resolution(settings, particles.pixel_size, particles.box, log)
+
+
 def prepare_output(out: Path, overwrite: bool) -> None:
     """Create the output folder; with ``overwrite`` remove our files (checkpoint and outputs) first."""
     if overwrite and out.exists():
@@ -76,10 +83,8 @@ def gold_standard_job(
 ) -> dict:
     """Run or resume ``habinit run``; returns run.json's content."""
     t0 = time.time()
-    xp = get_xp(device)
+    xp, particles, warnings = _open_inputs(particles_path, device, image_root, settings.abinit, log)
     out = Path(out)
-    particles = load_particles(particles_path, image_root=image_root)
-    warnings = clamp_max_resolution(settings.abinit, particles.pixel_size, particles.box, log)
     job = GoldStandardJob(particles, settings, out, xp=xp, log=log)
     prepare_output(out, overwrite)
     resumed = job.resume()
@@ -127,12 +132,10 @@ def single_abinit_job(
 ) -> dict:
     """``habinit abinit``: one map from every given particle (no half sets)."""
     t0 = time.time()
-    xp = get_xp(device)
-    out = Path(out)
-    particles = load_particles(particles_path, image_root=image_root)
+    xp, particles, warnings = _open_inputs(particles_path, device, image_root, settings, log)
     if len(particles) < 2:
         raise ValueError(f"{particles_path}: ab initio needs at least 2 particles, found {len(particles)}")
-    warnings = clamp_max_resolution(settings, particles.pixel_size, particles.box, log)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = AbinitRun(particles, settings, xp=xp, log=log)
     log(f"{len(particles)} particles, box {particles.box}, {particles.pixel_size:g} A/px; device {device_name(xp)}")
