@@ -91,9 +91,9 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             params.IntParam,
             default=0,
             label="Number of particles to use",
-            help="How many particles to use, taken from the start of the set; 0 uses all of them. The "
-            "others come out as 'unused particles'. Ab initio does not need every particle, but the "
-            "final resolution improves with more.",
+            help="How many particles to use, picked at random (with the random seed below); 0 uses all of "
+            "them. The others come out as 'unused particles'. Ab initio does not need every particle, but "
+            "the final resolution improves with more.",
         )
         form.addParam(
             "keepSplit",
@@ -215,8 +215,17 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         write_particles_star(self.inputParticles.get(), self._getExtraPath(cts.INPUT_STAR))
 
     def runEngineStep(self, args):
-        """Run the engine; after a failure, Continue reruns the same command, which resumes from the
-        engine's checkpoint in the same folder (finished work is not redone)."""
+        """Run the engine. After a failure or a kill, Continue reruns the same command, which resumes from the
+        engine's checkpoint in the same folder (finished work is not redone). If the parameters or the input
+        changed since the checkpoint was written, the engine starts over (--overwrite)."""
+        stamp_path = self._getExtraPath("engine_command.txt")
+        stamp = f"{args}\n{_file_digest(self._getExtraPath(cts.INPUT_STAR))}\n"
+        previous = open(stamp_path).read() if os.path.exists(stamp_path) else None
+        if previous is not None and previous != stamp:
+            self.info("The parameters or the input changed since the last engine run: starting the engine over.")
+            args = f"{args} --overwrite"
+        with open(stamp_path, "w") as f:
+            f.write(stamp)
         self.runJob(self._engineProgram(), args, numberOfThreads=1, numberOfMpi=1)
 
     def createOutputStep(self):
@@ -494,6 +503,16 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
 
     def _citations(self):
         return ["Kim2025", "Punjani2017", "Toader2025", "Scheres2012", "Rosenthal2003"]
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_star_rows_fsc(star_file: str) -> list[tuple[float, float]]:

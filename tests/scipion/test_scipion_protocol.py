@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def check_outputs(prot, input_set, n_used_max):
         with mrcfile.open(path, permissive=True) as mrc:
             assert mrc.data.shape == (box, box, box)
             assert float(mrc.voxel_size.x) == pytest.approx(input_set.getSamplingRate(), rel=1e-4)
+            assert int(mrc.header.ispg) == 1
     with (
         mrcfile.open(halves_files[0]) as a,
         mrcfile.open(halves_files[1]) as b,
@@ -129,6 +131,47 @@ def check_outputs(prot, input_set, n_used_max):
     assert f"{info['resolution_0143']:.2f} A" in summary and f"Particles used: {n_used}" in summary
     assert prot.methods()
     return info
+
+
+def run_killed_then_continued(project, prot, timeout=600):
+    """Launch ``prot``, kill its engine once the engine has written a checkpoint, check that the run failed,
+    then Continue it. Returns the finished protocol and the engine's log of the continued run."""
+    import signal
+    import time
+
+    import psutil
+    from pyworkflow.protocol.constants import MODE_RESUME
+
+    from habinit_plugin.headless import launch
+
+    project.launchProtocol(prot, wait=False)
+    extra = None
+    deadline = time.time() + timeout
+    extra = Path(prot._getExtraPath()).resolve()
+    while time.time() < deadline:
+        project._updateProtocol(prot)  # status from the run's own database
+        if (extra / "checkpoint" / "state.json").exists() or not prot.isActive():
+            break
+        time.sleep(0.2)
+    assert prot.isActive(), f"the engine finished or failed before it could be killed: {prot.getStatus()}"
+    engines = [
+        p
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if "habinit_plugin.engine" in (p.info["cmdline"] or []) and str(extra) in " ".join(p.info["cmdline"])
+    ]
+    assert len(engines) == 1, engines
+    engines[0].send_signal(signal.SIGKILL)
+    while prot.isActive() and time.time() < deadline:
+        time.sleep(0.5)
+        project._updateProtocol(prot)
+    assert prot.isFailed(), prot.getStatus()
+    assert not (extra / "run.json").exists() and not prot.hasAttribute("outputVolume")
+    log_before = Path(prot.getStdoutLog()).read_text(errors="replace")
+
+    prot.runMode.set(MODE_RESUME)
+    prot = launch(project, prot)
+    log_after = Path(prot.getStdoutLog()).read_text(errors="replace")
+    return prot, log_after[len(log_before) :] if log_after.startswith(log_before) else log_after
 
 
 def rotations_from_star(block):
@@ -167,9 +210,7 @@ def test_relion_star_import_keeps_split_and_outputs(relion_run):
     input_split = {p.getObjId(): int(p._rlnRandomSubset) for p in input_set.iterItems()}
     for part in prot.outputParticles.iterItems():
         assert int(part._rlnRandomSubset) == input_split[part.getObjId()]
-    # only the first 300 particles (by position in the input) may be used
-    first = set(sorted(input_split)[:300])
-    assert {p.getObjId() for p in prot.outputParticles.iterItems()} <= first
+    assert prot.outputParticles.getSize() == 300 and prot.outputUnusedParticles.getSize() == 100
 
 
 def test_relion_writer_gives_the_engine_poses_and_split(relion_run, tmp_path):
@@ -307,7 +348,25 @@ def test_cryosparc_cs_derived_set(project, sim32, tmp_path):
         project, objLabel="import cryoSPARC-derived", importFrom=3, starFile=str(folder / "J12_particles.star")
     )
     input_set = imported.outputParticles
-    prot = run_habinit(project, input_set, "habinit (cryoSPARC .cs)")
+
+    # this run is also the Continue test: the engine is killed mid-run, then the protocol is continued
+    from habinit_plugin.protocols import ProtHabinitHomoAbinitRefine
+
+    prot = project.newProtocol(
+        ProtHabinitHomoAbinitRefine,
+        objLabel="habinit (cryoSPARC .cs, killed, continued)",
+        useGpu=False,
+        quickSchedule=True,
+        numberOfThreads=2,
+    )
+    prot.inputParticles.set(input_set)
+    prot, continued_log = run_killed_then_continued(project, prot)
+    resumed = re.search(r"resumed from .*\(phase (\w+), iteration (\d+)\)", continued_log)
+    assert resumed, continued_log[-3000:]
+    iteration = int(resumed.group(2))
+    redone = [int(k) for k in re.findall(r"SGD iteration (\d+)/", continued_log[resumed.end() :])]
+    assert all(k > iteration for k in redone), (iteration, redone)  # no finished SGD iteration is redone
+    assert json.loads(Path(prot._getExtraPath("run.json")).read_text())["resumed"] is True
     check_outputs(prot, input_set, n)
     by_id = {p.getObjId(): int(p._rlnRandomSubset) for p in prot.outputParticles.iterItems()}
     assert [by_id[i + 1] for i in range(n)] == list(split + 1)  # cryoSPARC split 0/1 kept as 1/2
