@@ -20,15 +20,12 @@ from pathlib import Path
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="habinit_demo", help="output folder (default: ./habinit_demo)")
-    parser.add_argument("--n-particles", type=int, default=2000, help="particles to simulate")
+    parser.add_argument("--n-particles", type=int, default=4000, help="particles to simulate")
     parser.add_argument("--snr", type=float, default=0.05, help="signal-to-noise ratio of the images")
     parser.add_argument("--box", type=int, default=64, help="box of the simulated particles (pixels)")
     parser.add_argument("--pixel-size", type=float, default=1.8, help="Angstrom per pixel")
     parser.add_argument(
-        "--schedule",
-        choices=("demo", "quick"),
-        default="demo",
-        help="'demo': a shortened schedule that runs in minutes on 2 CPU cores; 'quick': tests only",
+        "--quick", action="store_true", help="the engine's short test schedule (a poor map, in about a minute)"
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--gpu", action="store_true", help="run the engine on GPU 0 (needs CuPy)")
@@ -70,7 +67,7 @@ def main(argv=None) -> int:
     values = {
         "star": sim / "particles.star",
         "pixelsize": args.pixel_size,
-        "quick": args.schedule == "quick",
+        "quick": args.quick,
         "gpu": args.gpu,
         "threads": args.threads,
     }
@@ -78,13 +75,6 @@ def main(argv=None) -> int:
     print(f"[2/3] headless Scipion project from the batch template ({workflow.name}) ...", flush=True)
     project = new_project("habinit_demo")
     loaded = project.loadProtocols(str(workflow))
-    habinit = list(loaded.values())[-1]
-    if args.schedule == "demo":
-        # fewer SGD iterations than cryoSPARC's defaults, so that 2 CPU cores finish in minutes
-        habinit.numberOfInitialIterations.set(60)
-        habinit.numberOfFinalIterations.set(90)
-        habinit.maximumResolution.set(0.0)
-        project.saveProtocol(habinit)
     print(f"[3/3] running {', '.join(p.getObjLabel() for p in loaded.values())} in {project.path} ...", flush=True)
     _, prot = run_workflow(project, loaded=loaded)
     report(prot, sim, time.time() - t_start)

@@ -17,15 +17,25 @@ from pyworkflow.protocol.params import GPU_LIST, USE_GPU
 from .. import constants as cts
 from ..convert.command import engine_program, engine_run_args
 
-# Form defaults: cryoSPARC's ab initio defaults, with the maximum resolution at Nyquist.
-DEFAULTS = {
-    "initial_resolution": 35.0,
-    "initial_batch": 90,
-    "final_batch": 300,
-    "n_initial_iterations": 200,
-    "n_final_iterations": 300,
-    "learning_rate": 0.4,
-}
+
+def _engine_defaults() -> dict:
+    """The engine's default schedule (cryoSPARC's names), so the form and `habinit run` agree."""
+    from ..engine.abinit import AbinitSettings
+
+    d = AbinitSettings()
+    return {
+        "initial_resolution": d.initial_resolution,
+        "initial_batch": d.initial_batch,
+        "final_batch": d.final_batch,
+        "n_initial_iterations": d.n_initial_iterations,
+        "n_final_iterations": d.n_final_iterations,
+        "learning_rate": d.initial_learning_rate,
+        "sgd_resolution": d.sgd_resolution,
+        "n_final_passes": d.n_final_passes,
+    }
+
+
+DEFAULTS = _engine_defaults()
 MRC_EXTENSIONS = (".mrc", ".mrcs", ".st", ".map")
 
 
@@ -136,8 +146,8 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             default=DEFAULTS["n_final_iterations"],
             expertLevel=params.LEVEL_ADVANCED,
             label="Number of final iterations",
-            help="Iterations at the final minibatch size, while the resolution is raised to its maximum "
-            "(cryoSPARC default 300).",
+            help="SGD iterations at the final minibatch size, after the initial ones (cryoSPARC's ab initio uses "
+            f"300; here {DEFAULTS['n_final_iterations']}). Full passes over all particles follow.",
         )
         form.addParam(
             "initialMinibatchSize",
@@ -146,7 +156,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             expertLevel=params.LEVEL_ADVANCED,
             label="Initial minibatch size",
             help="Particles per SGD iteration at the start. Small batches make the early, noisy steps "
-            "that let ab initio escape wrong solutions (cryoSPARC default 90).",
+            f"that let ab initio escape wrong solutions (cryoSPARC default 90; here {DEFAULTS['initial_batch']}).",
         )
         form.addParam(
             "finalMinibatchSize",
@@ -155,7 +165,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             expertLevel=params.LEVEL_ADVANCED,
             label="Final minibatch size",
             help="Particles per SGD iteration at the end. Larger batches give smoother, more precise "
-            "updates at high resolution (cryoSPARC default 300).",
+            f"updates at high resolution (cryoSPARC default 300; here {DEFAULTS['final_batch']}).",
         )
         form.addParam(
             "learningRate",
@@ -165,6 +175,33 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             label="Initial learning rate",
             help="Size of the first SGD steps (cryoSPARC default 0.4). Lower it if the map jumps between "
             "very different shapes; values of 1 or more are rarely useful.",
+        )
+        form.addParam(
+            "sgdResolution",
+            params.FloatParam,
+            default=DEFAULTS["sgd_resolution"],
+            expertLevel=params.LEVEL_ADVANCED,
+            label="SGD resolution limit (A)",
+            help="Resolution at which stochastic gradient descent hands over to full passes over all particles "
+            "(orientation search on every particle, then a direct reconstruction of each half map).",
+        )
+        form.addParam(
+            "numberOfFinalPasses",
+            params.IntParam,
+            default=DEFAULTS["n_final_passes"],
+            expertLevel=params.LEVEL_ADVANCED,
+            label="Number of full passes",
+            help="Full passes over all particles after SGD; each refines every orientation and rebuilds the half "
+            "maps, raising the resolution towards the maximum.",
+        )
+        form.addParam(
+            "minResolution",
+            params.FloatParam,
+            default=0.0,
+            expertLevel=params.LEVEL_ADVANCED,
+            label="Ignore resolutions lower than (A)",
+            help="Leave out the lowest frequencies, coarser than this, when orientations are searched (helps "
+            "small particles in detergent or lipid); 0 uses everything.",
         )
         form.addParam(
             "maskRadius",
@@ -297,6 +334,9 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             "initial-batch": self.initialMinibatchSize.get() if schedule else None,
             "final-batch": self.finalMinibatchSize.get() if schedule else None,
             "learning-rate": self.learningRate.get(),
+            "sgd-resolution": self.sgdResolution.get(),
+            "n-final-passes": self.numberOfFinalPasses.get() if schedule else None,
+            "min-resolution": self.minResolution.get() or None,
             "no-keep-split": not self.keepSplit,
             "seed": int(self.randomSeed.get()),
             "device": "gpu" if self.usesGpu() else "cpu",
@@ -394,9 +434,12 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             ("numberOfFinalIterations", "Number of final iterations"),
             ("initialMinibatchSize", "Initial minibatch size"),
             ("finalMinibatchSize", "Final minibatch size"),
+            ("numberOfFinalPasses", "Number of full passes"),
         ):
             if (getattr(self, name).get() or 0) < 1:
                 errors.append(f"'{label}' must be at least 1.")
+        if not (self.sgdResolution.get() or 0) > 0:
+            errors.append("The SGD resolution limit must be a positive number of Angstrom (e.g. 10).")
         if not (self.learningRate.get() or 0) > 0:
             errors.append("The learning rate must be positive (cryoSPARC's default is 0.4).")
         first = particles.getFirstItem()
