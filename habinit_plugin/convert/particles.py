@@ -16,16 +16,12 @@ from pwem.objects import Integer, Transform
 from pyworkflow.plugin import Domain
 
 _NEEDS_QUOTES = re.compile(r"[\s'\"]")
+_PLAIN_EXTENSION = re.compile(r"[.]\w+")
 _SCIPION_SUFFIX = re.compile(r":(mrcs?|spi|stk|hdf|st)$")
 
 
 def _relion_convert():
     return Domain.importFromPlugin("relion.convert", doRaise=True)
-
-
-def _quote_star(value: str) -> str:
-    """A STAR value in double quotes (emtable splits quoted lines with shlex)."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def stack_files(part_set) -> list[str]:
@@ -37,19 +33,36 @@ def write_particles_star(part_set, star_file: str) -> None:
     """Write ``part_set`` as RELION 3.1 STAR for the engine.
 
     Image names are Scipion's locations (relative to the project folder, where the engine
-    runs, or absolute); names holding spaces or quotes are quoted on every row, because
-    the STAR reader decides how to split lines from the first row.
+    runs, or absolute). A stack whose path holds whitespace or quotes, which STAR readers
+    split differently, is referenced through a symbolic link with a plain name in
+    ``stacks/`` next to the STAR file (the images are not copied).
     """
-    quote = any(_NEEDS_QUOTES.search(fn) for fn in stack_files(part_set))
+    links = _plain_links(stack_files(part_set), os.path.join(os.path.dirname(star_file), "stacks"))
 
     def fix_image_name(part, row):
         index, filename = part.getLocation()
-        name = _relion_convert().locationToRelion(index, _SCIPION_SUFFIX.sub("", filename))
-        row["rlnImageName"] = _quote_star(name) if quote else name
+        filename = _SCIPION_SUFFIX.sub("", filename)
+        row["rlnImageName"] = _relion_convert().locationToRelion(index, links.get(filename, filename))
 
     _relion_convert().writeSetOfParticles(
         part_set, star_file, alignType=ALIGN_NONE, postprocessImageRow=fix_image_name, extraLabels=[]
     )
+
+
+def _plain_links(files, folder: str) -> dict:
+    """{file: link} for the files whose names need quoting in STAR; links are made in ``folder``."""
+    links = {}
+    for i, path in enumerate(f for f in files if _NEEDS_QUOTES.search(f)):
+        os.makedirs(folder, exist_ok=True)
+        extension = os.path.splitext(path)[1]
+        if not _PLAIN_EXTENSION.fullmatch(extension):
+            extension = ".mrcs"
+        link = os.path.join(folder, f"stack_{i + 1:05d}{extension}")
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.abspath(path), link)
+        links[path] = link
+    return links
 
 
 def read_star_rows(star_file: str, block: str = "particles") -> dict:
@@ -85,7 +98,3 @@ def fill_refined_sets(input_set, used_set, unused_set, rows: dict, pixel_size: f
         used_set.append(refined)
         n_used += 1
     return n_used, n_unused
-
-
-def absolute(path: str) -> str:
-    return os.path.abspath(path)
