@@ -35,6 +35,7 @@ from .fourier import (
     sample_spectra,
 )
 from .fsc import fsc, resolution_at
+from .memory import OOMSplitter, StagedSum, chunk_size_for_budget, gpu_memory_limit, particle_bytes, to_device
 from .pose_search import ImageBatch, LocalSettings, SearchSettings, global_search, local_search
 from .projector import backproject, grid_to_volume, project, slice_coordinates, volume_to_grid
 from .reconstruct import Backprojection, regularisation, shell_weight_means, wiener_map
@@ -173,7 +174,7 @@ class AbinitRun:
         """Raw half-plane spectra (B, M) of particles ``index`` within ``radius``, and M."""
         xp = self.xp
         m = int(np.searchsorted(self.radii, radius, "right"))
-        images = xp.asarray(self.particles.read_images(index))
+        images = to_device(self.particles.read_images(index), xp)
         spectra = sample_spectra(image_rfft(images), xp.asarray(self.freqs[:m]))
         return spectra, m
 
@@ -448,31 +449,17 @@ def full_pass(
     rng = np.random.default_rng(split_seed)
     halves = rng.permutation(run.n) % 2
     sums = [Backprojection.zeros(run.box, s.oversampling, xp) for _ in range(2)]
+    grids = [a for bp in sums for a in (bp.data, bp.weight)]
+    limit = gpu_memory_limit(xp)
+    if limit:  # the sums, their scratch copies and the reference stay on the device
+        fixed = 2 * sum(a.nbytes for a in grids) + reference.nbytes
+        chunk = chunk_size_for_budget(particle_bytes(run.box), limit, fixed, max_size=chunk, fraction=0.8)
     rotations = np.empty((run.n, 3, 3))
     origins = np.empty((run.n, 2))
-    for start in range(0, run.n, chunk):
-        index = np.arange(start, min(start + chunk, run.n))
+
+    def add(index, arrays):  # arrays: [data 0, weight 0, data 1, weight 1], the sums or their scratch
         batch = run.image_batch(index, run.r_limit)
-        search_batch = _truncate(batch, radius)
-        if local:
-            spacing = grid_spacing(run.search_settings(radius).final_level)
-            result = local_search(
-                reference,
-                s.oversampling,
-                search_batch,
-                run.rotations[index],
-                run.origins[index],
-                LocalSettings(
-                    angle_step=spacing,
-                    shift_step=0.5,
-                    n_steps=4,
-                    radius=radius,
-                    min_radius=run._min_radius(),
-                    max_shift=run.max_shift_px,
-                ),
-            )
-        else:
-            result = global_search(reference, s.oversampling, search_batch, run.search_settings(radius))
+        result = _search_chunk(run, reference, _truncate(batch, radius), index, radius, local)
         rotations[index] = result.rotations[:, 0]
         origins[index] = result.origins[:, 0]
         centred = batch.spectra * phase_shift(batch.freqs, xp.asarray(origins[index]), run.box)
@@ -480,7 +467,12 @@ def full_pass(
             rows = np.flatnonzero(halves[index] == h)
             if len(rows):
                 r = xp.asarray(rows)
-                sums[h].insert(centred[r], batch.ctf[r], rotations[index][rows], batch.freqs)
+                target = Backprojection(arrays[2 * h], arrays[2 * h + 1], run.box, s.oversampling)
+                target.insert(centred[r], batch.ctf[r], rotations[index][rows], batch.freqs)
+
+    with StagedSum(grids, splitter=OOMSplitter(log=run.log, xp=xp)) as staged:
+        for start in range(0, run.n, chunk):
+            staged.run(add, np.arange(start, min(start + chunk, run.n)))
     run.rotations, run.origins = rotations, origins
     run.seen[:] = True
     curve = fsc(wiener_map(sums[0]), wiener_map(sums[1]))
@@ -492,6 +484,22 @@ def full_pass(
     )
     volume = to_numpy(wiener_map(total, tau2))
     return PassResult(rotations, origins, volume, resolution_at(curve, 0.143, run.pixel_size), curve)
+
+
+def _search_chunk(run: AbinitRun, reference, batch: ImageBatch, index, radius: float, local: bool):
+    """Poses of particles ``index``: local search around their current poses, or global."""
+    s = run.settings
+    if not local:
+        return global_search(reference, s.oversampling, batch, run.search_settings(radius))
+    settings = LocalSettings(
+        angle_step=grid_spacing(run.search_settings(radius).final_level),
+        shift_step=0.5,
+        n_steps=4,
+        radius=radius,
+        min_radius=run._min_radius(),
+        max_shift=run.max_shift_px,
+    )
+    return local_search(reference, s.oversampling, batch, run.rotations[index], run.origins[index], settings)
 
 
 def _truncate(batch: ImageBatch, radius: float) -> ImageBatch:

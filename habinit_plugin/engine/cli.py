@@ -22,6 +22,7 @@ from .backend import DeviceError, device_name, get_xp
 from .fsc import fsc, resolution_at, shell_frequencies
 from .halves import assign_half_sets
 from .jobs import QUICK_SCHEDULE, gold_standard_job, single_abinit_job
+from .memory import set_gpu_memory_limit
 from .mrc import MRCError, read_map, write_map
 from .particles import ParticleError, load_particles
 from .reconstruct import reconstruct_half_maps
@@ -294,6 +295,7 @@ def add_run(sub) -> None:
 
 
 def run_run(args) -> dict:
+    set_gpu_memory_limit(get_xp(args.device), args.gpu_mem)
     settings = JobSettings(
         abinit=_abinit_settings(args),
         n_particles=args.n_particles,
@@ -315,6 +317,7 @@ def add_abinit(sub) -> None:
 
 
 def run_abinit(args) -> dict:
+    set_gpu_memory_limit(get_xp(args.device), args.gpu_mem)
     return single_abinit_job(
         args.particles, args.out, _abinit_settings(args), args.device, args.save_every, args.image_root, log.info
     )

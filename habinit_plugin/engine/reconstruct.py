@@ -23,6 +23,7 @@ from .fourier import (
     shell_mean,
 )
 from .fsc import fsc, ssnr_from_fsc
+from .memory import StagedSum, chunk_size_for_budget, gpu_memory_limit, particle_bytes, to_device
 from .projector import backproject, grid_to_volume, hermitian_symmetrize, slice_coordinates
 
 
@@ -154,16 +155,27 @@ def reconstruct_half_maps(particles, half_set, xp=np, batch_size: int = 1000, ov
     freqs = reconstruction_frequencies(box)
     freqs_dev = xp.asarray(freqs)
     halves = {1: Backprojection.zeros(box, oversampling, xp), 2: Backprojection.zeros(box, oversampling, xp)}
-    for start in range(0, len(particles), batch_size):
-        index = np.arange(start, min(start + batch_size, len(particles)))
-        images = xp.asarray(particles.read_images(index))
+    grids = [a for bp in halves.values() for a in (bp.data, bp.weight)]
+    limit = gpu_memory_limit(xp)
+    if limit:  # the sums and their scratch copies (StagedSum) stay on the device
+        fixed = 2 * sum(a.nbytes for a in grids)
+        batch_size = chunk_size_for_budget(particle_bytes(box), limit, fixed, max_size=batch_size, fraction=0.8)
+
+    def add(index, arrays):  # arrays: [data 1, weight 1, data 2, weight 2], the sums or their scratch
+        images = to_device(particles.read_images(index), xp)
         ctf = evaluate_ctf(particles.ctf.subset(index).to(xp), freqs_dev, particles.pixel_size, box)
         spectra = particle_spectra(images, freqs_dev, xp.asarray(particles.shifts[index]))
-        for half, bp in halves.items():
+        for k, half in enumerate((1, 2)):
             mine = xp.asarray(np.flatnonzero(half_set[index] == half))
             if len(mine):
+                bp = Backprojection(arrays[2 * k], arrays[2 * k + 1], box, oversampling)
                 bp.insert(spectra[mine], ctf[mine], xp.asarray(particles.rotations[index])[mine], freqs_dev)
-        if log is not None:
-            log(f"backprojected {index[-1] + 1}/{len(particles)} particles")
+
+    with StagedSum(grids, log=log) as sums:
+        for start in range(0, len(particles), batch_size):
+            index = np.arange(start, min(start + batch_size, len(particles)))
+            sums.run(add, index)
+            if log is not None:
+                log(f"backprojected {index[-1] + 1}/{len(particles)} particles")
     map_a, map_b, curve = gold_standard_maps(halves[1], halves[2])
     return to_numpy(map_a), to_numpy(map_b), curve
