@@ -6,8 +6,8 @@ import pyworkflow.protocol.params as params
 from pyworkflow.gui.plotter import Plotter
 from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
+from ..figures import FIGURES
 from ..protocols import ProtHabinitHomoAbinitRefine
-from .figures import FIGURES
 
 
 class HabinitHomoAbinitViewer(ProtocolViewer):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import constants as cts
+from . import constants as cts
 
 
 def load_json(folder: str | Path, name: str) -> dict:
@@ -38,6 +38,7 @@ def draw_fsc(figure, report: dict) -> None:
     ax.set_xlabel("spatial frequency (1/A)")
     ax.set_ylabel("Fourier shell correlation")
     ax.set_ylim(-0.1, 1.05)
+    ax.set_xlim(0.0, freq.max() * 1.02)
     ax.set_title(f"Gold-standard FSC: {res:.2f} A at 0.143" if res else "Gold-standard FSC")
     top = ax.secondary_xaxis("top", functions=(_inverse, _inverse))
     ticks = [r for r in (50, 30, 20, 15, 10, 8, 6, 5, 4, 3.5, 3, 2.5, 2) if freq.min() <= 1.0 / r <= freq.max()]
@@ -48,32 +49,43 @@ def draw_fsc(figure, report: dict) -> None:
 
 
 def _inverse(x):
-    x = np.asarray(x, dtype=float)
-    with np.errstate(divide="ignore"):
-        return np.where(x > 0, 1.0 / np.maximum(x, 1e-12), np.inf)
+    """1/x for the resolution axis, finite everywhere (matplotlib also maps the axis limits through it)."""
+    return 1.0 / np.maximum(np.asarray(x, dtype=float), 1e-6)
 
 
 def draw_history(figure, run_info: dict) -> None:
-    """Gold-standard resolution (FSC 0.143) per iteration, from run.json's history."""
+    """Gold-standard resolution (FSC 0.143) per SGD iteration, then after each full pass (run.json's history)."""
     history = [h for h in run_info.get("history", []) if h.get("resolution_0143")]
+    sgd = [h for h in history if str(h.get("phase", "sgd")) == "sgd"]
+    passes = [h for h in history if str(h.get("phase", "sgd")) != "sgd"]
     ax = figure.add_subplot(111)
     if history:
-        ax.plot([h["iteration"] for h in history], [h["resolution_0143"] for h in history], "o-", label="FSC 0.143")
-        working = [h for h in history if h.get("working_resolution")]
+        if sgd:
+            ax.plot([h["iteration"] for h in sgd], [h["resolution_0143"] for h in sgd], "o-", label="SGD, FSC 0.143")
+        if passes:
+            ax.plot(
+                [h["iteration"] for h in passes],
+                [h["resolution_0143"] for h in passes],
+                "s-",
+                color="tab:green",
+                label="after each full pass, FSC 0.143",
+            )
+        working = [h for h in sgd if h.get("working_resolution")]
         if working:
             ax.plot(
                 [h["iteration"] for h in working],
                 [h["working_resolution"] for h in working],
                 "--",
+                color="tab:orange",
                 label="resolution used for alignment",
             )
         ax.invert_yaxis()
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no history recorded", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("iteration")
+    ax.set_xlabel("iteration (SGD iterations, then one step per full pass)")
     ax.set_ylabel("resolution (A)")
-    ax.set_title("Resolution per iteration (gold-standard, half maps)")
+    ax.set_title(f"Resolution per iteration: {run_info.get('resolution_0143', float('nan')):.2f} A at the end")
 
 
 def draw_angular_distribution(figure, rot: np.ndarray, tilt: np.ndarray) -> None:
@@ -101,7 +113,7 @@ def draw_half_map_slices(figure, map_a: np.ndarray, map_b: np.ndarray) -> None:
 
 def read_angles(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """rlnAngleRot and rlnAngleTilt of the engine's particles.star."""
-    from ..engine.star import read_star
+    from .engine.star import read_star
 
     blocks = read_star(Path(folder) / cts.PARTICLES_STAR)
     block = blocks.get("particles") or next(b for b in blocks.values() if b.has("rlnAngleRot"))
@@ -109,7 +121,7 @@ def read_angles(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_half_maps(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    from ..engine.mrc import read_map
+    from .engine.mrc import read_map
 
     return read_map(Path(folder) / cts.HALF_MAP_A)[0], read_map(Path(folder) / cts.HALF_MAP_B)[0]
 
