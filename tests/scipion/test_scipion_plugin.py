@@ -39,6 +39,7 @@ def test_engine_and_package_import_without_scipion():
         "names = [m.name for m in pkgutil.walk_packages(e.__path__, 'habinit_plugin.engine.')]\n"
         "[importlib.import_module(n) for n in names if not n.endswith('__main__')]\n"
         "import habinit_plugin.convert.command, habinit_plugin.constants, habinit_plugin.headless\n"
+        "import habinit_plugin.figures\n"
         "assert not [m for m in sys.modules if m.split('.')[0] in ('pyworkflow', 'pwem')]\n"
         "try:\n    habinit_plugin.Plugin\nexcept ImportError as exc:\n    print('no Plugin:', exc)\n"
         "print(len(names), 'engine modules')\n"
