@@ -286,7 +286,7 @@ def _abinit_settings(args) -> AbinitSettings:
 def add_run(sub) -> None:
     p = sub.add_parser("run", help="the gold-standard job: two half maps from scratch, aligned, with their FSC")
     _add_abinit_arguments(p)
-    p.add_argument("--n-particles", type=int, default=0, help="particles to use (0: all; the rest are unused)")
+    p.add_argument("--n-particles", type=int, default=0, help="use the first N particles (0: all; the rest are unused)")
     p.add_argument("--no-keep-split", action="store_true", help="ignore an input rlnRandomSubset / cryoSPARC split")
     p.add_argument("--align-every", type=int, default=40, help="SGD iterations between half-map alignments")
     p.add_argument("--checkpoint-minutes", type=float, default=2.0)

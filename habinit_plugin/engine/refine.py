@@ -82,11 +82,8 @@ def job_key(particles: ParticleSet, settings: JobSettings) -> str:
 def choose_particles(particles: ParticleSet, settings: JobSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(used rows, unused rows, half set of the used rows, how the split was made)."""
     n = len(particles)
-    rng = np.random.default_rng(settings.seed)
-    if 0 < settings.n_particles < n:
-        used = np.sort(rng.choice(n, size=settings.n_particles, replace=False))
-    else:
-        used = np.arange(n)
+    # like cryoSPARC's "number of particles to use": the first N in input order
+    used = np.arange(min(n, settings.n_particles) if settings.n_particles > 0 else n)
     unused = np.setdiff1d(np.arange(n), used)
     half, how = assign_half_sets(particles.subset(used), settings.seed, keep_existing=settings.keep_split)
     for h in (1, 2):

@@ -147,7 +147,7 @@ def write_star(path: str | Path, blocks: list[StarBlock]) -> None:
             f.write(f"\n# version 30001\n\ndata_{block.name}\n\nloop_\n")
             for j, column in enumerate(block.columns):
                 f.write(f"_{column} #{j + 1}\n")
-            rows = [[_quote(v) for v in row] for row in block.rows]
+            rows = _quoted_rows(block.rows)
             widths = [max(len(v) for v in col) for col in zip(*rows)] if rows else []
             for row in rows:
                 f.write(" ".join(v.rjust(w) for v, w in zip(row, widths)) + "\n")
@@ -155,7 +155,23 @@ def write_star(path: str | Path, blocks: list[StarBlock]) -> None:
     os.replace(tmp, path)
 
 
+def _quoted_rows(rows: list[list[str]]) -> list[list[str]]:
+    """Tokens of a loop. emtable picks shell-like splitting for a whole loop only when its
+    first row holds a quote, so when any row needs quotes the first row gets some too."""
+    out = [[_quote(v) for v in row] for row in rows]
+    needs_quotes = any(t != v for row, raw in zip(out, rows) for t, v in zip(row, raw))
+    if needs_quotes and out and not any(c in "\"'" for t in out[0] for c in t):
+        out[0][0] = f'"{out[0][0]}"'
+    return out
+
+
 def _quote(value: str) -> str:
-    if value == "" or any(c.isspace() for c in value):
-        return '"' + value.replace('"', "") + '"'
-    return value
+    """A STAR token for ``value``: bare when it can be, else quoted so that readers that
+    split lines like a shell (emtable) and RELION's quoted strings both get it back."""
+    if value and not any(c.isspace() or c in "\"'\\" for c in value):
+        return value
+    if '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    if "'" not in value and "\\" not in value:
+        return f"'{value}'"
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

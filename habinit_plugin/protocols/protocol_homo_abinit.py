@@ -101,8 +101,8 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             params.IntParam,
             default=0,
             label="Number of particles to use",
-            help="How many particles to use, picked at random (with the random seed below); 0 uses all of "
-            "them. The others come out as 'unused particles'. Ab initio does not need every particle, but "
+            help="How many particles to use, the first ones of the input set (as in cryoSPARC); 0 uses all "
+            "of them. The others come out as 'unused particles'. Ab initio does not need every particle, but "
             "the final resolution improves with more.",
         )
         form.addParam(
