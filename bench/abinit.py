@@ -37,8 +37,14 @@ from habinit_plugin.engine.validation import compare_to_truth  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "abinit_cpu.md"
 
 
-def one_run(name: str, seed: int, preconditioner: bool, track_every: int, n_iterations: int | None) -> dict:
-    """One ab initio run; returns the measurements (printed as JSON by --one)."""
+def one_run(
+    name: str, seed: int, preconditioner: bool, track_every: int, n_iterations: int | None, fixed: float | None = None
+) -> dict:
+    """One ab initio run; returns the measurements (printed as JSON by --one).
+
+    ``n_iterations``: SGD only, that many iterations; ``fixed``: the SGD band stays at this
+    resolution (Angstrom) from the first iteration (convergence at a fixed band).
+    """
     folder = dataset(name)
     particles = load_particles(folder / "particles.star")
     truth_poses = load_particles(folder / "gt_poses.star")
@@ -46,6 +52,8 @@ def one_run(name: str, seed: int, preconditioner: bool, track_every: int, n_iter
     settings = AbinitSettings(seed=seed, preconditioner=preconditioner)
     if n_iterations:
         settings.n_initial_iterations, settings.n_final_iterations = n_iterations, 0
+    if fixed:
+        settings.initial_resolution = settings.sgd_resolution = fixed
     t0 = time.time()
     run = AbinitRun(particles, settings)
     track = []
@@ -143,17 +151,29 @@ def main() -> None:
     p.add_argument("--no-preconditioner", action="store_true")
     p.add_argument("--track-every", type=int, default=0)
     p.add_argument("--iterations", type=int, help="SGD iterations only (no passes), for the comparison")
+    p.add_argument("--fixed-resolution", type=float, help="SGD band fixed at this resolution (A)")
+    p.add_argument("--only-compare", action="store_true", help="run only the preconditioner comparison")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--hard-seeds", type=int, default=3)
     p.add_argument("--no-compare", action="store_true", help="skip the with/without preconditioner comparison")
     p.add_argument("--no-profile", action="store_true")
     args = p.parse_args()
     if args.one:
-        r = one_run(args.one[0], int(args.one[1]), not args.no_preconditioner, args.track_every, args.iterations)
+        r = one_run(
+            args.one[0],
+            int(args.one[1]),
+            not args.no_preconditioner,
+            args.track_every,
+            args.iterations,
+            args.fixed_resolution,
+        )
         print(json.dumps(r))
         return
 
     sections = [f"# Ab initio of one map (bench/abinit.py)\n\nMachine: {machine()}.\n"]
+    if args.only_compare:
+        args.seeds = args.hard_seeds = 0
+        args.no_profile = True
     for name, n_seeds in (("adk64_snr0.1", args.seeds), ("adk64_snr0.05", args.hard_seeds)):
         if n_seeds == 0:
             continue
@@ -171,13 +191,23 @@ def main() -> None:
         print(sections[-1], flush=True)
     if not args.no_compare:
         name = "adk64_snr0.1"
-        lines = ["| preconditioner | FSC 0.5 vs truth of the SGD model (A) after (iterations, wall s) |", "|---|---|"]
-        for flag in ((), ("--no-preconditioner",)):
-            r = _child(name, 0, "--iterations", "120", "--track-every", "20", *flag)
-            track = ", ".join(f"{res:.1f} A ({it}, {s:.0f} s)" for it, res, s in r.get("track", []))
-            lines.append(f"| {'no' if flag else 'yes'} | {track or r.get('error')} |")
+        lines = [
+            "| schedule | preconditioner | FSC 0.5 vs truth of the SGD model (A) after (iterations, wall s) |",
+            "|---|---|---|",
+        ]
+        schedules = {
+            "default ramp 35 -> 10 A, 120 its": ("--iterations", "120", "--track-every", "20"),
+            "band fixed at 20 A, 60 its": ("--iterations", "60", "--track-every", "10", "--fixed-resolution", "20"),
+        }
+        for label, schedule in schedules.items():
+            for flag in ((), ("--no-preconditioner",)):
+                r = _child(name, 0, *schedule, *flag)
+                track = ", ".join(f"{res:.1f} A ({it}, {s:.0f} s)" for it, res, s in r.get("track", []))
+                lines.append(f"| {label} | {'no' if flag else 'yes'} | {track or r.get('error')} |")
+                print(lines[-1], flush=True)
         sections.append(
-            "## Preconditioner: SGD iterations to resolution (seed 0, SGD phase only, 120 iterations)\n\n"
+            "## Preconditioner: SGD iterations to resolution (seed 0, SGD phase only)\n\n"
+            "'no' replaces the per-voxel weights by their mean (a scalar step of the same size).\n\n"
             + "\n".join(lines)
             + "\n"
         )
@@ -186,8 +216,9 @@ def main() -> None:
         sections.append(f"## Where the time goes (seed 0, adk64_snr0.1, cProfile)\n\n{profile_run('adk64_snr0.1')}\n")
         print(sections[-1], flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(sections))
-    print(f"written to {RESULTS}")
+    results = RESULTS.with_name("abinit_preconditioner_cpu.md") if args.only_compare else RESULTS
+    results.write_text("\n".join(sections))
+    print(f"written to {results}")
 
 
 if __name__ == "__main__":
