@@ -163,7 +163,7 @@ def test_kill_while_writing_outputs_leaves_nothing_complete(tiny_set, tmp_path, 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(outputs.plots, "plot_fsc", killed)
+    monkeypatch.setattr(outputs.plots, "write_pngs", killed)
     os.remove(tmp_path / "run.json")  # as after a kill before the outputs were complete
     with pytest.raises(KeyboardInterrupt):
         gold_standard_job(particles, tmp_path, _settings(), log=lambda m: None, overwrite=False)

@@ -84,10 +84,8 @@ def write_outputs(out: Path, particles: ParticleSet, result: JobResult, run_info
     report = fsc_report(result.fsc, px, result.resolution_0143, result.resolution_05)
     write_json(out / "fsc.json", report)
     write_star(out / "fsc.star", [_fsc_block(report)])
-    plots.plot_fsc(report, out / "fsc.png")
-    plots.plot_resolution_history(result.history, out / "resolution_per_iteration.png")
-    plots.plot_angular_distribution(result.rotations, out / "angular_distribution.png")
-    plots.plot_half_map_slices(map_a, map_b, out / "half_map_slices.png")
+    history = {"history": result.history, "resolution_0143": result.resolution_0143}
+    plots.write_pngs(out, report, history, result.rotations, map_a, map_b)
     info = dict(
         run_info,
         status="finished",

@@ -1,6 +1,7 @@
-"""PNG plots of a job's results (matplotlib, Agg: no display needed).
+"""The job's figures (matplotlib, Agg: no display needed), drawn into a Figure.
 
-The Scipion viewer draws the same figures from the same JSON files.
+The engine writes them as PNG next to its outputs (:func:`write_pngs`); the Scipion
+viewer (habinit_plugin/figures.py) puts the same ``draw_*`` figures in its windows.
 """
 
 from __future__ import annotations
@@ -10,83 +11,116 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
-    import matplotlib
+def draw_fsc(figure, report: dict) -> None:
+    """Gold-standard FSC against spatial frequency, with the 0.143 and 0.5 thresholds."""
+    rows = [r for r in report["curve"] if r.get("resolution_A")]
+    freq = np.array([1.0 / r["resolution_A"] for r in rows])
+    curve = np.array([r["fsc"] for r in rows])
+    ax = figure.add_subplot(111)
+    ax.plot(freq, curve, "-", color="tab:blue", label="half map A vs half map B")
+    ax.axhline(0.143, color="grey", linestyle="--", linewidth=1, label="0.143")
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="0.5")
+    res = report.get("resolution_0143")
+    if res:
+        ax.axvline(1.0 / res, color="tab:red", linewidth=1, label=f"{res:.2f} A")
+    ax.set_xlabel("spatial frequency (1/A)")
+    ax.set_ylabel("Fourier shell correlation")
+    ax.set_ylim(-0.1, 1.05)
+    ax.set_xlim(0.0, freq.max() * 1.02)
+    ax.set_title(f"Gold-standard FSC: {res:.2f} A at 0.143" if res else "Gold-standard FSC")
+    top = ax.secondary_xaxis("top", functions=(_inverse, _inverse))
+    ticks = [r for r in (50, 30, 20, 15, 10, 8, 6, 5, 4, 3.5, 3, 2.5, 2) if freq.min() <= 1.0 / r <= freq.max()]
+    top.set_xticks(ticks)
+    top.set_xticklabels([f"{r:g}" for r in ticks])
+    top.set_xlabel("resolution (A)")
+    ax.legend(loc="upper right", fontsize=8)
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
-    return plt
+def _inverse(x):
+    """1/x for the resolution axis, finite everywhere (matplotlib also maps the axis limits through it)."""
+    return 1.0 / np.maximum(np.asarray(x, dtype=float), 1e-6)
 
 
-def _save(fig, path: str | Path) -> None:
-    path = Path(path)
+def draw_history(figure, run_info: dict) -> None:
+    """Gold-standard resolution (FSC 0.143) per SGD iteration, then after each full pass (run.json's history)."""
+    history = [h for h in run_info.get("history", []) if h.get("resolution_0143")]
+    sgd = [h for h in history if str(h.get("phase", "sgd")) == "sgd"]
+    passes = [h for h in history if str(h.get("phase", "sgd")) != "sgd"]
+    ax = figure.add_subplot(111)
+    if history:
+        if sgd:
+            ax.plot([h["iteration"] for h in sgd], [h["resolution_0143"] for h in sgd], "o-", label="SGD, FSC 0.143")
+        if passes:
+            ax.plot(
+                [h["iteration"] for h in passes],
+                [h["resolution_0143"] for h in passes],
+                "s-",
+                color="tab:green",
+                label="after each full pass, FSC 0.143",
+            )
+        working = [h for h in sgd if h.get("working_resolution")]
+        if working:
+            ax.plot(
+                [h["iteration"] for h in working],
+                [h["working_resolution"] for h in working],
+                "--",
+                color="tab:orange",
+                label="resolution used for alignment",
+            )
+        ax.invert_yaxis()
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no history recorded", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("iteration (SGD iterations, then one step per full pass)")
+    ax.set_ylabel("resolution (A)")
+    ax.set_title(f"Resolution per iteration: {run_info.get('resolution_0143', float('nan')):.2f} A at the end")
+
+
+def draw_angular_distribution(figure, rot: np.ndarray, tilt: np.ndarray) -> None:
+    """Projection directions: particle counts over (rot, tilt), degrees."""
+    ax = figure.add_subplot(111)
+    n_tilt = int(np.clip(np.sqrt(len(rot) / 8.0), 6, 36))  # about 4 particles per bin on average, 5 to 30 deg
+    counts, _, _, image = ax.hist2d(rot, tilt, bins=(2 * n_tilt, n_tilt), range=((-180, 180), (0, 180)), cmap="viridis")
+    figure.colorbar(image, ax=ax, label="particles")
+    ax.set_xlabel("rot (degrees)")
+    ax.set_ylabel("tilt (degrees)")
+    ax.set_title(f"Angular distribution of {len(rot)} particles")
+
+
+def draw_half_map_slices(figure, map_a: np.ndarray, map_b: np.ndarray) -> None:
+    """Central z, y and x slices of both half maps, on one grey scale per map."""
+    for row, (name, volume) in enumerate((("A", map_a), ("B", map_b))):
+        c = volume.shape[0] // 2
+        lo, hi = np.percentile(volume, [0.5, 99.5])
+        for col, (label, image) in enumerate((("z", volume[c]), ("y", volume[:, c]), ("x", volume[:, :, c]))):
+            ax = figure.add_subplot(2, 3, 3 * row + col + 1)
+            ax.imshow(image, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+            ax.set_title(f"half map {name}, central {label} slice", fontsize=8)
+            ax.axis("off")
+
+
+def _save(draw, size: tuple[float, float], path: Path) -> None:
+    """Render ``draw(figure)`` to ``path`` atomically (temporary name, then rename)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size)
+    draw(figure)
+    figure.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    figure.savefig(tmp, dpi=110)
     tmp.replace(path)
 
 
-def plot_fsc(report: dict, path: str | Path) -> None:
-    """FSC curve against spatial frequency with the 0.143 and 0.5 thresholds.
+def write_pngs(out: Path, report: dict, run_info: dict, rotations: np.ndarray, map_a, map_b) -> None:
+    """fsc.png, resolution_per_iteration.png, angular_distribution.png and half_map_slices.png in ``out``.
 
-    report: the content of fsc.json (``curve`` rows with ``resolution_A`` and ``fsc``).
+    report: fsc.json content; run_info: with ``history`` and ``resolution_0143`` (run.json);
+    rotations (P, 3, 3) RELION matrices; map_a, map_b (N, N, N).
     """
-    plt = _pyplot()
-    rows = report["curve"][1:]
-    freq = [1.0 / r["resolution_A"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(freq, [r["fsc"] for r in rows], "-", color="tab:blue", label="half map A vs B")
-    for threshold, style in ((0.143, "--"), (0.5, ":")):
-        ax.axhline(threshold, color="grey", linestyle=style, linewidth=1)
-    ax.set_xlabel("spatial frequency (1/A)")
-    ax.set_ylabel("FSC")
-    ax.set_ylim(-0.1, 1.05)
-    r1, r2 = report["resolution_0143"], report["resolution_05"]
-    ax.set_title(f"Gold-standard FSC: {r1:.2f} A at 0.143, {r2:.2f} A at 0.5")
-    ax.legend(loc="upper right")
-    _save(fig, path)
-
-
-def plot_resolution_history(history: list[dict], path: str | Path) -> None:
-    """Gold-standard resolution (0.143) per iteration; history rows from run.json."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rows = [h for h in history if h.get("resolution_0143")]
-    ax.plot([h["iteration"] for h in rows], [h["resolution_0143"] for h in rows], "o-", label="GS-FSC 0.143")
-    work = [h for h in rows if h.get("working_resolution")]
-    if work:
-        ax.plot([h["iteration"] for h in work], [h["working_resolution"] for h in work], "--", label="SGD resolution")
-    ax.set_xlabel("iteration (SGD iterations, then full passes)")
-    ax.set_ylabel("resolution (A)")
-    ax.invert_yaxis()
-    ax.legend()
-    _save(fig, path)
-
-
-def plot_angular_distribution(rotations: np.ndarray, path: str | Path) -> None:
-    """Projection directions (RELION rot, tilt) of particles, rotations (P, 3, 3)."""
     from .so3 import matrix_to_euler
 
-    plt = _pyplot()
-    angles = matrix_to_euler(np.asarray(rotations))
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    counts, _, _, image = ax.hist2d(angles[:, 0], angles[:, 1], bins=(72, 36), range=((-180, 180), (0, 180)))
-    fig.colorbar(image, ax=ax, label="particles")
-    ax.set_xlabel("rot (degrees)")
-    ax.set_ylabel("tilt (degrees)")
-    ax.set_title(f"Angular distribution ({len(angles)} particles)")
-    _save(fig, path)
-
-
-def plot_half_map_slices(map_a: np.ndarray, map_b: np.ndarray, path: str | Path) -> None:
-    """Central slices (z, y, x) of both half maps, (N, N, N) each."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(9, 6))
-    for row, (name, volume) in enumerate((("A", map_a), ("B", map_b))):
-        n = volume.shape[0] // 2
-        for col, (label, image) in enumerate((("z", volume[n]), ("y", volume[:, n]), ("x", volume[:, :, n]))):
-            axes[row, col].imshow(image, cmap="gray", origin="lower")
-            axes[row, col].set_title(f"half map {name}, central {label} slice")
-            axes[row, col].axis("off")
-    _save(fig, path)
+    rot, tilt = matrix_to_euler(np.asarray(rotations))[:, :2].T
+    _save(lambda f: draw_fsc(f, report), (6.5, 4.5), out / "fsc.png")
+    _save(lambda f: draw_history(f, run_info), (6.5, 4.5), out / "resolution_per_iteration.png")
+    _save(lambda f: draw_angular_distribution(f, rot, tilt), (7.5, 4.0), out / "angular_distribution.png")
+    _save(lambda f: draw_half_map_slices(f, map_a, map_b), (9.0, 6.0), out / "half_map_slices.png")
