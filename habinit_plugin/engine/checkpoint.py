@@ -84,8 +84,10 @@ class Checkpoint:
                 raise CheckpointError(f"{path}: cannot be read safely ({exc}); use --overwrite") from exc
         return state, arrays
 
-    def save(self, state: dict, arrays: dict[str, dict[str, np.ndarray]]) -> None:
-        """Write array groups under a new generation, then state.json, then drop old files."""
+    def save(self, state: dict, arrays: dict[str, dict[str, np.ndarray]]) -> dict:
+        """Write array groups under a new generation, then state.json, then drop old files.
+
+        Returns the state as written (with its generation and array file names)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         generation = int(state.get("generation", 0)) + 1
         names = {}
@@ -103,5 +105,4 @@ class Checkpoint:
         for path in self.folder.iterdir():
             if path.name not in keep:
                 path.unlink(missing_ok=True)
-        state.update(generation=generation)
         return state

@@ -17,7 +17,7 @@ import numpy as np
 from . import __version__
 from .abinit import AbinitRun, AbinitSettings, refine_passes
 from .backend import device_name, get_xp
-from .checkpoint import CheckpointError, write_json
+from .checkpoint import CheckpointError, read_json, write_json
 from .mrc import write_map
 from .outputs import clear_completion, write_outputs
 from .particles import load_particles, write_particles_star
@@ -91,8 +91,6 @@ def gold_standard_job(
     if not resumed and (out / "run.json").exists():
         clear_completion(out)
     if job.state.get("phase") == "done" and (out / "run.json").exists():
-        from .checkpoint import read_json
-
         log(f"{out} already holds the finished result of this job")
         return read_json(out / "run.json")
     log(
