@@ -62,10 +62,15 @@ class Alignment:
         return Alignment(other.matrix @ self.matrix, other.matrix @ self.shift + other.shift, other.score)
 
 
-def transform_map(volume, alignment: Alignment, oversampling: int = 2):
-    """Apply an alignment to a map (N, N, N) in Fourier space (trilinear on a padded grid)."""
+def transform_map(volume, alignment: Alignment, oversampling: int | None = None):
+    """Apply an alignment to a map (N, N, N) in Fourier space (trilinear on a padded grid).
+
+    The padding is 4x up to N = 128 (FSC against the untransformed map stays above 0.9
+    to Nyquist), else 2x to bound memory.
+    """
     xp = array_module(volume)
     n = volume.shape[0]
+    oversampling = oversampling or (4 if n <= 128 else 2)
     grid = volume_to_grid(xp.asarray(volume, dtype=xp.float32), oversampling)
     k = _grid_frequencies(n, xp)  # (N^3, 3) frequencies (x, y, z)
     values = _rotated_samples(grid, oversampling, k, alignment.matrix)
@@ -100,7 +105,8 @@ class AlignSettings:
     fine_resolution: float = 8.0
     level: int = 1
     candidates: int = 3
-    refine_steps: int = 5
+    refine_steps: int = 7
+    max_moves: int = 4
     initial_step: float = 8.0  # degrees
     allow_mirror: bool = True
 
@@ -134,7 +140,9 @@ def align_maps(reference, moving, pixel_size: float, settings: AlignSettings | N
         top = np.argsort(-scores)[: settings.candidates]
         scored += [(float(scores[i]), matrices[i], shifts[i]) for i in top]
     fine_box = working_box(n, pixel_size, settings.fine_resolution)
-    fine = _Problem(reference, moving, pixel_size, fine_box, settings.fine_resolution)
+    # 4x padding: with 2x, trilinear interpolation smooths the moving map's noise enough to
+    # shift the optimum by ~1 degree away from rotations that sample whole grid points
+    fine = _Problem(reference, moving, pixel_size, fine_box, settings.fine_resolution, oversampling=4)
     best = None
     for _, matrix, _ in sorted(scored, key=lambda s: -s[0]):
         refined = _refine(fine, matrix, settings)
@@ -146,7 +154,7 @@ def align_maps(reference, moving, pixel_size: float, settings: AlignSettings | N
 class _Problem:
     """Two maps cropped to ``box`` and low-passed to ``resolution``, ready to score rotations."""
 
-    def __init__(self, reference, moving, pixel_size: float, box: int, resolution: float):
+    def __init__(self, reference, moving, pixel_size: float, box: int, resolution: float, oversampling: int = 2):
         xp = array_module(reference)
         n = reference.shape[0]
         self.xp = xp
@@ -163,7 +171,8 @@ class _Problem:
         self.fft_index = (wrapped[:, 2] * box + wrapped[:, 1]) * box + wrapped[:, 0]
         self.ref = ref.reshape(-1)[keep]
         self.ref_norm = float(xp.sqrt((xp.abs(self.ref) ** 2).sum()))
-        self.grid = volume_to_grid(resample_volume(moving, box), 2)
+        self.oversampling = oversampling
+        self.grid = volume_to_grid(resample_volume(moving, box), oversampling)
 
     def score(self, matrices, chunk: int = 256, exact: bool = True):
         """Normalised correlation peak over translations and the shift (voxels of the full box).
@@ -181,7 +190,7 @@ class _Problem:
             part = np.asarray(matrices[start : start + chunk])
             mirrored = np.linalg.det(part[0]) < 0
             rot = xp.asarray(-part if mirrored else part, dtype=xp.float32)
-            rotated = project(self.grid, xp.matmul(self.k_in[None], rot), 2)  # (r, K): F(R^T k)
+            rotated = project(self.grid, xp.matmul(self.k_in[None], rot), self.oversampling)  # (r, K): F(R^T k)
             if mirrored:
                 rotated = xp.conj(rotated)
             norms = to_numpy(xp.sqrt((xp.abs(rotated) ** 2).sum(axis=1)))
@@ -223,7 +232,8 @@ def _subvoxel(cc, peak):
 
 
 def _refine(problem: _Problem, matrix, settings: AlignSettings) -> Alignment:
-    """Greedy local rotation search with halving steps (27 perturbations per step)."""
+    """Pattern search over rotations: at each step size (halving from ``initial_step``)
+    move to the best of 27 perturbations until none improves, at most ``max_moves`` times."""
     current = np.asarray(matrix, dtype=np.float64)
     scores, shifts = problem.score(current[None])
     best = Alignment(current, shifts[0], float(scores[0]))
@@ -231,10 +241,12 @@ def _refine(problem: _Problem, matrix, settings: AlignSettings) -> Alignment:
     for _ in range(settings.refine_steps):
         offsets = np.array([0.0, -1.0, 1.0]) * np.deg2rad(step)
         vecs = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
-        candidates = rotvec_to_matrix(vecs) @ best.matrix  # keeps the hand of best.matrix
-        scores, shifts = problem.score(candidates)
-        i = int(np.argmax(scores))
-        if scores[i] > best.score:
+        for _ in range(settings.max_moves):
+            candidates = rotvec_to_matrix(vecs[1:]) @ best.matrix  # keeps the hand of best.matrix
+            scores, shifts = problem.score(candidates)
+            i = int(np.argmax(scores))
+            if scores[i] <= best.score:
+                break
             best = Alignment(candidates[i], shifts[i], float(scores[i]))
         step /= 2.0
     return best

@@ -250,6 +250,11 @@ def _add_abinit_arguments(p) -> None:
     p.add_argument("--final-batch", type=int, default=d.final_batch, help="final minibatch size")
     p.add_argument("--learning-rate", type=float, default=d.initial_learning_rate, help="initial learning rate")
     p.add_argument("--n-final-passes", type=int, default=d.n_final_passes, help="full passes after SGD")
+    p.add_argument(
+        "--no-marginalise",
+        action="store_true",
+        help="insert each particle at its best pose only in the local passes (faster, lower resolution at low SNR)",
+    )
     p.add_argument("--mask-radius", type=float, help="radius of the spherical window, Angstrom")
     p.add_argument("--min-resolution", type=float, help="ignore frequencies below this in the search (small particles)")
     p.add_argument("--no-preconditioner", action="store_true", help="plain SGD step (for comparison)")
@@ -270,6 +275,7 @@ def _abinit_settings(args) -> AbinitSettings:
         "final_batch": args.final_batch,
         "initial_learning_rate": args.learning_rate,
         "n_final_passes": args.n_final_passes,
+        "marginalise": not args.no_marginalise,
         "mask_radius": args.mask_radius,
         "min_resolution": args.min_resolution,
         "preconditioner": not args.no_preconditioner,

@@ -13,8 +13,10 @@ and rotations is one matrix product; the CTF^2 term is a second one.
 Global search: every rotation of a Hopf grid level x a coarse shift grid, projections
 computed once per minibatch; then the best ``beam`` poses of each image are refined
 level by level (8 child rotations x 3x3 shifts at half the step, a wider band).
-Local search: around given poses, a 3x3x3 set of small rotations x 3x3 shifts,
-steps halved a few times. Origins follow RELION: the particle centre is at
+Local search: around given poses, a 3x3x3 cube of small rotations x 3x3 shifts
+scored exhaustively, steps halved a few times. Neighbourhood search: a wider
+neighbourhood of the best pose, whose kept poses and posterior weights are used to
+marginalise over the pose in the reconstruction. Origins follow RELION: the particle centre is at
 box//2 - origin, so an image is centred by translating it by +origin.
 """
 
@@ -223,15 +225,17 @@ def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSe
 
 
 def _refine_candidates(
-    grid, oversampling, batch, band, candidates, origins, deltas, chunk, max_shift, scale_invariant=False
+    grid, oversampling, batch, band, candidates, origins, deltas, chunk, max_shift, scale_invariant=False, keep=None
 ):
-    """Score candidates (B, K, R, 3, 3) with origins (B, K, 2) + deltas (D, 2); keep the best K.
+    """Score candidates (B, K, R, 3, 3) with origins (B, K, 2) + deltas (D, 2); keep the best
+    ``keep`` (default K).
 
-    Returns flat indices into (K, D, R) per image (B, K), the new origins (B, K, 2) and
-    energies (B, K) (host arrays).
+    Returns flat indices into (K, D, R) per image (B, keep), the new origins (B, keep, 2)
+    and energies (B, keep) (host arrays).
     """
     xp = array_module(grid)
-    n_images, beam, n_rot = candidates.shape[:3]
+    n_images, n_parents, n_rot = candidates.shape[:3]
+    beam = keep or n_parents
     lo, hi = band
     freqs = batch.freqs[lo:hi]
     delta_ramps = phase_shift(freqs, xp.asarray(deltas), batch.box)
@@ -242,7 +246,7 @@ def _refine_candidates(
         rows = slice(start, min(start + chunk, n_images))
         b = rows.stop - rows.start
         proj = _project_band(grid, oversampling, candidates[rows].reshape(-1, 3, 3), freqs)
-        proj = proj.reshape(b, beam, n_rot, -1)
+        proj = proj.reshape(b, n_parents, n_rot, -1)
         centre_ramps = phase_shift(freqs, xp.asarray(origins[rows]), batch.box)
         e = _local_energies(batch, band, proj, centre_ramps, delta_ramps, rows, scale_invariant)  # (b, K, D, R)
         moved = origins[rows][:, :, None, :] + deltas[None, None, :, :]  # (b, K, D, 2)
@@ -263,52 +267,110 @@ def _refine_candidates(
 
 
 @dataclass
-class LocalSettings:
-    """Local search: angular step (degrees), shift step (pixels), number of halvings, band."""
+class NeighbourhoodSettings:
+    """Poses scored around each pose: rotations whose rotation vectors lie on a cubic grid
+    (step and radius in degrees), times origins on a square grid (step and radius in
+    pixels); the best ``keep`` poses are kept. Band in Fourier pixels."""
 
-    angle_step: float = 4.0
-    shift_step: float = 1.0
-    n_steps: int = 3
+    angle_step: float = 2.0
+    angle_radius: float = 3.6
+    shift_step: float = 0.5
+    shift_radius: float = 0.75
+    keep: int = 1
     radius: float = 12.0
     min_radius: float = 0.0
     max_shift: float = 8.0
-    chunk: int = 64
+    chunk: int = 32
 
 
 @lru_cache(maxsize=16)
-def _local_perturbations(step_deg: float) -> np.ndarray:
-    """Identity and turns of +-step about x, y and z -> (7, 3, 3) matrices (identity first)."""
-    vecs = np.zeros((7, 3))
-    vecs[1:] = np.concatenate([np.eye(3), -np.eye(3)]) * np.deg2rad(step_deg)
-    return rotvec_to_matrix(vecs)
+def _neighbourhood(step_deg: float, radius_deg: float) -> np.ndarray:
+    """Rotations (R, 3, 3) whose rotation vectors lie on a cubic grid of ``step_deg``
+    within ``radius_deg`` of the identity (identity first)."""
+    n = int(np.floor(radius_deg / step_deg + 1e-9))
+    axis = np.arange(-n, n + 1) * step_deg
+    vecs = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3)
+    vecs = vecs[np.linalg.norm(vecs, axis=1) <= radius_deg + 1e-9]
+    vecs = vecs[np.argsort(np.linalg.norm(vecs, axis=1), kind="stable")]
+    return rotvec_to_matrix(np.deg2rad(vecs))
+
+
+def neighbourhood_search(
+    grid, oversampling: int, batch: ImageBatch, rotations, origins, settings: NeighbourhoodSettings
+) -> SearchResult:
+    """Every pose of a neighbourhood of each given pose, scored exhaustively.
+
+    rotations (B, 3, 3), origins (B, 2) pixels. Every rotation of the neighbourhood is
+    combined with every origin of the shift grid and scored with the plain (not
+    scale-invariant) energy, so that :meth:`SearchResult.weights` at temperature 1 is
+    the posterior over the kept poses. Returns the best ``settings.keep`` poses per
+    image, best first.
+    """
+    perturb = _neighbourhood(round(settings.angle_step, 6), round(settings.angle_radius, 6))
+    candidates = np.einsum("pij,bjl->bpil", perturb, np.asarray(rotations, dtype=np.float64))[:, None]
+    deltas = shift_grid(settings.shift_radius, settings.shift_step)
+    best, new_origins, energies = _refine_candidates(
+        grid,
+        oversampling,
+        batch,
+        batch.band(settings.radius, settings.min_radius),
+        candidates,
+        np.asarray(origins, dtype=np.float64)[:, None],
+        deltas,
+        settings.chunk,
+        settings.max_shift,
+        keep=settings.keep,
+    )
+    r_idx = best % len(perturb)
+    kept = np.take_along_axis(candidates[:, 0], r_idx[:, :, None, None], axis=1)
+    return SearchResult(kept, new_origins, energies - energies[:, :1])
+
+
+@dataclass
+class LocalSettings:
+    """Local search: first angular step (degrees) and shift step (pixels), number of
+    levels (steps halve from one level to the next, shifts down to ``min_shift_step``),
+    band (Fourier pixels), and how many poses the last level keeps."""
+
+    angle_step: float = 4.0
+    shift_step: float = 1.0
+    n_levels: int = 4
+    min_shift_step: float = 0.25
+    radius: float = 12.0
+    min_radius: float = 0.0
+    max_shift: float = 8.0
+    keep: int = 1
+    chunk: int = 32
 
 
 def local_search(
     grid, oversampling: int, batch: ImageBatch, rotations, origins, settings: LocalSettings
 ) -> SearchResult:
-    """Refine poses (B, 3, 3) and origins (B, 2) by a greedy local search, best pose only.
+    """Refine poses (B, 3, 3) and origins (B, 2) level by level around the best pose.
 
-    Each step tries the current pose and turns of +-angle about x, y, z, each with a
-    3 x 3 shift neighbourhood; angle and shift steps halve after the second step.
+    Each level scores all 27 rotations of a 3 x 3 x 3 cube of rotation vectors (turns of
+    0 or +-step about x, y and z, combined) times a 3 x 3 shift grid, exhaustively: a
+    greedy walk one axis at a time stalls on noisy energies at low SNR.
     """
-    current_r = np.asarray(rotations, dtype=np.float64)[:, None]  # (B, 1, 3, 3)
-    current_o = np.asarray(origins, dtype=np.float64)[:, None]  # (B, 1, 2)
-    band = batch.band(settings.radius, settings.min_radius)
     angle, shift = settings.angle_step, settings.shift_step
-    energies = np.zeros((len(current_r), 1))
-    for step in range(settings.n_steps):
-        perturb = _local_perturbations(round(angle, 6))
-        candidates = np.einsum("pij,bkjl->bkpil", perturb, current_r)  # (B, 1, 27, 3, 3)
-        deltas = shift_grid(shift * 1.5, shift)
-        best, current_o, energies = _refine_candidates(
-            grid, oversampling, batch, band, candidates, current_o, deltas, settings.chunk, settings.max_shift
+    result = None
+    for level in range(settings.n_levels):
+        last = level == settings.n_levels - 1
+        hood = NeighbourhoodSettings(
+            angle_step=angle,
+            angle_radius=1.8 * angle,  # the whole cube: corners at sqrt(3) steps
+            shift_step=shift,
+            shift_radius=1.5 * shift,
+            keep=settings.keep if last else 1,
+            radius=settings.radius,
+            min_radius=settings.min_radius,
+            max_shift=settings.max_shift,
+            chunk=settings.chunk,
         )
-        r_idx = best % len(perturb)
-        current_r = np.take_along_axis(candidates[:, 0], r_idx[:, :, None, None], axis=1)
-        if step > 0:  # the first two steps share the initial size: one axis moves per step
-            angle /= 2.0
-            shift /= 2.0
-    return SearchResult(current_r, current_o, energies - energies[:, :1])
+        result = neighbourhood_search(grid, oversampling, batch, rotations, origins, hood)
+        rotations, origins = result.rotations[:, 0], result.origins[:, 0]
+        angle, shift = angle / 2.0, max(shift / 2.0, settings.min_shift_step)
+    return result
 
 
 def final_spacing(level: int) -> float:

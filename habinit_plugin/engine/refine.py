@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .abinit import AbinitRun, AbinitSettings, PassResult, full_pass
+from .abinit import AbinitRun, AbinitSettings, PassResult, full_pass, next_radius
 from .align3d import Alignment, align_maps, apply_to_poses, transform_map
 from .checkpoint import Checkpoint
 from .fsc import fsc, resolution_at
@@ -116,7 +116,8 @@ class GoldStandardJob:
             for h, name in ((1, "A"), (2, "B"))
         }
         self.state = {"phase": "sgd", "pass": 0, "history": [], "timings": {}, "alignment": Alignment().to_dict()}
-        self.volumes: dict[str, np.ndarray] = {}
+        self.volumes: dict[str, np.ndarray] = {}  # the map of each half
+        self.references: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # its internal half maps
         self.passes: dict[str, PassResult] = {}
         self._last_save = time.time()
 
@@ -129,7 +130,9 @@ class GoldStandardJob:
         state, arrays = self.checkpoint.load()
         for name, run in self.runs.items():
             run.set_state(arrays[name], state["runs"][name])
-        self.volumes = {name: arrays["volumes"][name] for name in HALVES if name in arrays.get("volumes", {})}
+        saved = arrays.get("volumes", {})
+        self.volumes = {name: saved[name] for name in HALVES if name in saved}
+        self.references = {name: (saved[f"{name}0"], saved[f"{name}1"]) for name in HALVES if f"{name}0" in saved}
         self.state = state
         self.log(f"resumed from {self.checkpoint.folder} (phase {state['phase']}, iteration {self._iteration()})")
         return True
@@ -140,6 +143,8 @@ class GoldStandardJob:
             arrays[name], metas[name] = run.get_state()
         if self.volumes:
             arrays["volumes"] = dict(self.volumes)
+            for name, (ref0, ref1) in self.references.items():
+                arrays["volumes"].update({f"{name}0": ref0, f"{name}1": ref1})
         self.state = self.checkpoint.save(dict(self.state, runs=metas), arrays)
         self._last_save = time.time()
 
@@ -225,11 +230,13 @@ class GoldStandardJob:
     def _one_pass(self, name: str, run: AbinitRun, n: int) -> None:
         t0 = time.time()
         radius = self._pass_radius(name, run, n)
-        reference = self.volumes.get(name)
-        if reference is None:
-            reference = run.model_map()
-        result = full_pass(run, reference, radius, local=n > 0, split_seed=run.settings.seed + n)
+        references = self.references.get(name)
+        if references is None:
+            references = run.model_map()
+        local = n > 0
+        result = full_pass(run, references, radius, local=local, marginalise=local and run.settings.marginalise)
         self.volumes[name] = result.volume
+        self.references[name] = result.half_volumes
         self.state.setdefault("pass_resolution", {})[name] = result.resolution
         self._add_time(f"pass {n + 1}", time.time() - t0)
         self.log(
@@ -239,14 +246,11 @@ class GoldStandardJob:
         )
 
     def _pass_radius(self, name: str, run: AbinitRun, n: int) -> float:
-        """Search band of pass n: the SGD resolution, then 15% beyond the half's own resolution."""
-        s = run.settings
-        max_radius = run.radius(s.max_resolution) if s.max_resolution else float(run.r_limit)
+        """Search band of pass n: the SGD resolution, then the half's own resolution."""
         radius = run.radius(run.sgd_resolution)
         if n == 0:
             return radius
-        own = self.state["pass_resolution"][name]
-        return min(max_radius, max(radius, 1.15 * run.box * run.pixel_size / own))
+        return next_radius(run, radius, self.state["pass_resolution"][name])
 
     def _align_halves(self) -> None:
         """Put half B onto half A: its map and every one of its poses."""
@@ -255,6 +259,7 @@ class GoldStandardJob:
         alignment = align_maps(self.volumes["A"], self.volumes["B"], px)
         run_b = self.runs["B"]
         self.volumes["B"] = np.asarray(transform_map(self.volumes["B"], alignment))
+        self.references["B"] = tuple(np.asarray(transform_map(v, alignment)) for v in self.references["B"])
         run_b.rotations, run_b.origins = apply_to_poses(alignment, run_b.rotations, run_b.origins)
         self.state["alignment"] = alignment.to_dict()
         self._add_time("alignment", time.time() - t0)
