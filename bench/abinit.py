@@ -97,6 +97,7 @@ def profile_run(name: str) -> str:
         "step": "SGD iterations (all)",
         "global_search": "  global pose search (SGD + pass 1)",
         "local_search": "  local pose search (passes 2+)",
+        "neighbourhood_search": "  neighbourhood scored for marginalisation (passes 2+)",
         "_gradient": "  SGD gradient (project + backproject)",
         "apply_constraints": "  real-space constraints (3D FFTs)",
         "full_pass": "full passes (all)",
@@ -174,7 +175,7 @@ def main() -> None:
     if args.only_compare:
         args.seeds = args.hard_seeds = 0
         args.no_profile = True
-    for name, n_seeds in (("adk64_snr0.1", args.seeds), ("adk64_snr0.05", args.hard_seeds)):
+    for name, n_seeds in (("adk64_snr0.05", args.hard_seeds), ("adk64_snr0.1", args.seeds)):
         if n_seeds == 0:
             continue
         reference = known_pose_reference(dataset(name))

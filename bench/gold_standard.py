@@ -121,7 +121,7 @@ def main() -> None:
         print(json.dumps(r))
         return
     sections = [f"# Gold-standard job (bench/gold_standard.py)\n\nMachine: {machine()}.\n"]
-    for name, n_seeds in (("adk64_snr0.1", args.seeds), ("adk64_snr0.05", args.hard_seeds)):
+    for name, n_seeds in (("adk64_snr0.05", args.hard_seeds), ("adk64_snr0.1", args.seeds)):
         if n_seeds == 0:
             continue
         runs = []
