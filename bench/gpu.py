@@ -575,20 +575,20 @@ class Bench:
         local_radius = float(run.r_limit)
         lbatch = run.image_batch(index, local_radius)
         local = LocalSettings(
-            angle_step=so3.grid_spacing(settings.final_level),
-            shift_step=0.5,
-            n_steps=4,
+            angle_step=2 * so3.grid_spacing(settings.final_level),
+            shift_step=1.0,
+            n_levels=4,
             radius=local_radius,
             max_shift=run.max_shift_px,
         )
         start_r, start_o = particles.rotations[index], particles.shifts[index]
         seconds, _ = timed(xp, lambda: local_search(reference, 2, lbatch, start_r, start_o, local), repeat=1, warmup=1)
         lo, hi = lbatch.band(local.radius, local.min_radius)
-        flops = 2.0 * n_img * local.n_steps * 7 * (hi - lo) * (2 * 9 + 1)
+        flops = 2.0 * n_img * local.n_levels * 27 * (hi - lo) * (2 * 9 + 1)
         t.rows.append(
             [
                 "local pose search (whole)",
-                f"{n_img} images, 4 steps x 7 rotations x 9 shifts, radius {local_radius:.0f} px, m = {hi - lo}",
+                f"{n_img} images, 4 levels x 27 rotations x 9 shifts, radius {local_radius:.0f} px, m = {hi - lo}",
                 f"{seconds * 1e3:.0f} ms ({n_img / seconds:,.0f} images/s)",
                 f"{flops / seconds / 1e12:.3f} TFLOP/s",
                 f"SGEMM {sgemm / 1e12:.2f} TFLOP/s",
