@@ -65,8 +65,8 @@ class Alignment:
 def transform_map(volume, alignment: Alignment, oversampling: int | None = None):
     """Apply an alignment to a map (N, N, N) in Fourier space (trilinear on a padded grid).
 
-    The padding is 4x up to N = 128 (FSC against the untransformed map stays above 0.9
-    to Nyquist), else 2x to bound memory.
+    The padding is 4x up to N = 128, else 2x to bound memory. (An identity transform of a
+    known-pose map at box 64 moved its FSC 0.5 vs truth from 4.10 A to 4.16 A at 4x, 4.35 A at 2x.)
     """
     xp = array_module(volume)
     n = volume.shape[0]
