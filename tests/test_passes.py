@@ -34,10 +34,10 @@ def test_internal_halves_see_only_their_own_reference(tiny_set):
     run.run_sgd()
     reference = run.model_map()
     start = run.rotations.copy(), run.origins.copy()
-    first = full_pass(run, (reference, reference), run.radius(12.0), local=True, marginalise=True)
+    first = full_pass(run, (reference, reference), run.radius(12.0), local=True)
     run.rotations, run.origins = start
     other = np.roll(reference, 2, axis=0)  # a shifted copy: the poses of its half must move
-    second = full_pass(run, (reference, other), run.radius(12.0), local=True, marginalise=True)
+    second = full_pass(run, (reference, other), run.radius(12.0), local=True)
     halves = internal_halves(run)
     assert 0.4 < halves.mean() < 0.6
     assert np.array_equal(first.rotations[halves == 0], second.rotations[halves == 0])

@@ -467,7 +467,6 @@ def full_pass(
     radius: float,
     local: bool,
     chunk: int = 500,
-    marginalise: bool = False,
 ) -> PassResult:
     """Search every particle against the reference of its internal half and reconstruct.
 
@@ -476,8 +475,8 @@ def full_pass(
     against its own reference only, so the FSC between the halves is not inflated by
     noise that both have fitted, and it sets the Wiener prior of every map (as in
     RELION's auto-refine). radius: search band (Fourier pixels). Global search when
-    ``local`` is False, else a local search around the run's current poses. With
-    ``marginalise`` every particle is inserted at the most probable poses of a
+    ``local`` is False, else a local search around the run's current poses. In a local
+    pass with ``settings.marginalise`` every particle is inserted at the most probable poses of a
     neighbourhood of its best pose, weighted by their posterior probabilities. The
     reconstruction uses all frequencies up to Nyquist.
     """
@@ -486,6 +485,7 @@ def full_pass(
         references = (references, references)
     grids = [volume_to_grid(xp.asarray(v), s.oversampling) for v in references]
     halves = internal_halves(run)
+    marginalise = local and s.marginalise
     sums = [Backprojection.zeros(run.box, s.oversampling, xp) for _ in range(2)]
     arrays = [a for bp in sums for a in (bp.data, bp.weight)]
     limit = gpu_memory_limit(xp)
@@ -623,7 +623,7 @@ def refine_passes(run: AbinitRun, log=None) -> PassResult:
     result = None
     for n in range(max(1, s.n_final_passes)):
         t0 = time.time()
-        result = full_pass(run, references, radius, local=n > 0, marginalise=n > 0 and s.marginalise)
+        result = full_pass(run, references, radius, local=n > 0)
         references = result.half_volumes
         log(
             f"pass {n + 1}/{s.n_final_passes} ({'local' if n else 'global'} search at "

@@ -330,7 +330,7 @@ def neighbourhood_search(
 class LocalSettings:
     """Local search: first angular step (degrees) and shift step (pixels), number of
     levels (steps halve from one level to the next, shifts down to ``min_shift_step``),
-    band (Fourier pixels), and how many poses the last level keeps."""
+    band (Fourier pixels)."""
 
     angle_step: float = 4.0
     shift_step: float = 1.0
@@ -339,7 +339,6 @@ class LocalSettings:
     radius: float = 12.0
     min_radius: float = 0.0
     max_shift: float = 8.0
-    keep: int = 1
     chunk: int = 32
 
 
@@ -354,14 +353,12 @@ def local_search(
     """
     angle, shift = settings.angle_step, settings.shift_step
     result = None
-    for level in range(settings.n_levels):
-        last = level == settings.n_levels - 1
+    for _ in range(settings.n_levels):
         hood = NeighbourhoodSettings(
             angle_step=angle,
             angle_radius=1.8 * angle,  # the whole cube: corners at sqrt(3) steps
             shift_step=shift,
             shift_radius=1.5 * shift,
-            keep=settings.keep if last else 1,
             radius=settings.radius,
             min_radius=settings.min_radius,
             max_shift=settings.max_shift,

@@ -235,8 +235,7 @@ class GoldStandardJob:
         references = self.references.get(name)
         if references is None:
             references = run.model_map()
-        local = n > 0
-        result = full_pass(run, references, radius, local=local, marginalise=local and run.settings.marginalise)
+        result = full_pass(run, references, radius, local=n > 0)
         self.volumes[name] = result.volume
         self.references[name] = result.half_volumes
         self.state.setdefault("pass_resolution", {})[name] = result.resolution
