@@ -124,7 +124,10 @@ def scatter_add(target, index, values) -> None:
     xp = array_module(target)
     if xp is np:
         np.add.at(target, index, values)
+    elif xp.iscomplexobj(target):  # cupy.add.at takes real types only: add real and imaginary parts
+        pairs = target.view(target.real.dtype)
+        index = 2 * xp.asarray(index, dtype=xp.int64)
+        xp.add.at(pairs, index, xp.ascontiguousarray(values.real, dtype=pairs.dtype))
+        xp.add.at(pairs, index + 1, xp.ascontiguousarray(values.imag, dtype=pairs.dtype))
     else:
-        import cupyx  # noqa: PLC0415
-
-        cupyx.scatter_add(target, index, values)
+        xp.add.at(target, index, values)

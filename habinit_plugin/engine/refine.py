@@ -25,6 +25,7 @@ import numpy as np
 
 from .abinit import AbinitRun, AbinitSettings, PassResult, full_pass, next_radius
 from .align3d import Alignment, align_maps, apply_to_poses, transform_map
+from .backend import to_numpy
 from .checkpoint import Checkpoint
 from .fsc import fsc, resolution_at
 from .halves import assign_half_sets
@@ -117,7 +118,6 @@ class GoldStandardJob:
         }
         self.state = {"phase": "sgd", "pass": 0, "history": [], "timings": {}, "alignment": Alignment().to_dict()}
         self.volumes: dict[str, np.ndarray] = {}  # the map of each half
-        self.references: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # its internal half maps
         self.passes: dict[str, PassResult] = {}
         self._last_save = time.time()
 
@@ -132,7 +132,6 @@ class GoldStandardJob:
             run.set_state(arrays[name], state["runs"][name])
         saved = arrays.get("volumes", {})
         self.volumes = {name: saved[name] for name in HALVES if name in saved}
-        self.references = {name: (saved[f"{name}0"], saved[f"{name}1"]) for name in HALVES if f"{name}0" in saved}
         self.state = state
         self.log(f"resumed from {self.checkpoint.folder} (phase {state['phase']}, iteration {self._iteration()})")
         return True
@@ -143,8 +142,6 @@ class GoldStandardJob:
             arrays[name], metas[name] = run.get_state()
         if self.volumes:
             arrays["volumes"] = dict(self.volumes)
-            for name, (ref0, ref1) in self.references.items():
-                arrays["volumes"].update({f"{name}0": ref0, f"{name}1": ref1})
         self.state = self.checkpoint.save(dict(self.state, runs=metas), arrays)
         self._last_save = time.time()
 
@@ -194,8 +191,8 @@ class GoldStandardJob:
         """Align the current B model onto A and record the gold-standard FSC (reporting only)."""
         t0 = time.time()
         map_a, map_b = self.runs["A"].model_map(), self.runs["B"].model_map()
-        alignment = align_maps(map_a, map_b, self.particles.pixel_size)
-        curve = fsc(map_a, transform_map(map_b, alignment))
+        alignment = align_maps(map_a, map_b, self.particles.pixel_size, xp=self.xp)
+        curve = fsc(map_a, self._transform(map_b, alignment))
         px = self.particles.pixel_size
         entry = {
             "iteration": iteration,
@@ -232,12 +229,9 @@ class GoldStandardJob:
     def _one_pass(self, name: str, run: AbinitRun, n: int) -> None:
         t0 = time.time()
         radius = self._pass_radius(name, run, n)
-        references = self.references.get(name)
-        if references is None:
-            references = run.model_map()
-        result = full_pass(run, references, radius, local=n > 0)
+        reference = self.volumes[name] if n > 0 else run.model_map()
+        result = full_pass(run, reference, radius, local=n > 0)
         self.volumes[name] = result.volume
-        self.references[name] = result.half_volumes
         self.state.setdefault("pass_resolution", {})[name] = result.resolution
         self._add_time(f"pass {n + 1}", time.time() - t0)
         self.log(
@@ -257,10 +251,9 @@ class GoldStandardJob:
         """Put half B onto half A: its map and every one of its poses."""
         t0 = time.time()
         px = self.particles.pixel_size
-        alignment = align_maps(self.volumes["A"], self.volumes["B"], px)
+        alignment = align_maps(self.volumes["A"], self.volumes["B"], px, xp=self.xp)
         run_b = self.runs["B"]
-        self.volumes["B"] = np.asarray(transform_map(self.volumes["B"], alignment))
-        self.references["B"] = tuple(np.asarray(transform_map(v, alignment)) for v in self.references["B"])
+        self.volumes["B"] = self._transform(self.volumes["B"], alignment)
         run_b.rotations, run_b.origins = apply_to_poses(alignment, run_b.rotations, run_b.origins)
         self.state["alignment"] = alignment.to_dict()
         self._add_time("alignment", time.time() - t0)
@@ -268,6 +261,10 @@ class GoldStandardJob:
             f"aligned half B onto half A: {'mirrored' if alignment.mirrored else 'same hand'}, "
             f"shift {np.round(alignment.shift, 2).tolist()} px, score {alignment.score:.3f}"
         )
+
+    def _transform(self, volume: np.ndarray, alignment: Alignment) -> np.ndarray:
+        """A host map moved by ``alignment`` on the job's device; returned on the host."""
+        return to_numpy(transform_map(self.xp.asarray(volume), alignment))
 
     def _record_pass(self, n: int) -> None:
         curve = fsc(self.volumes["A"], self.volumes["B"])
