@@ -649,15 +649,38 @@ class Bench:
             ]
         )
         values["backproject_weights"] = {"seconds": seconds, "samples": samples, "bytes_model": model}
+        self._expression_rows(t, values, reference, coords, values_c, samples, copy_bw)
         t.notes.append(
             "FLOPs: 2 m n k for every scoring matrix product the search makes (cross term with [Re, Im] stacked "
             "rows, and the CTF^2 term), counted from its shapes; time: the whole call, device synchronised. "
             "Bytes: a minimal-traffic model per sample: projection 84 B (3 float32 coordinates, 8 corners of "
             "complex64 read, 1 written), backprojection 148 B (coordinates, value, 8 corners read and written) "
-            "or 80 B for float32 weights; the current implementation moves several times that through its "
-            "temporaries, which is what a fused kernel would save."
+            "or 80 B for float32 weights. On the GPU, project and backproject run the CUDA kernels of "
+            "engine/kernels.py (one thread per sample); the rows '(array expressions)' time the NumPy-style "
+            "expressions they replace, which move several times that traffic through temporaries."
         )
         self.report.values["kernels"] = values
+
+    def _expression_rows(self, t: Table, values: dict, reference, coords, values_c, samples: int, copy_bw) -> None:
+        """Time projection and backprojection through the array expressions, for comparison with the kernels."""
+        from habinit_plugin.engine import kernels  # noqa: PLC0415
+        from habinit_plugin.engine.projector import backproject_expressions, project_expressions  # noqa: PLC0415
+
+        xp, size = self.xp, reference.shape[0]
+        values["kernels_on"] = bool(kernels._state["enabled"]) and xp is not np
+        t.rows.append(["CUDA kernels in use", "yes" if values["kernels_on"] else "no", "", "", "", ""])
+        out = xp.zeros_like(reference)
+        cases = (
+            ("project (array expressions)", 84, lambda: project_expressions(reference, coords, 2)),
+            ("backproject (array expressions)", 148, lambda: backproject_expressions(values_c, coords, size, 2, out)),
+        )
+        for name, model, fn in cases:
+            seconds, _ = timed(xp, fn, repeat=2)
+            rate = samples * model / seconds
+            t.rows.append(
+                [name, "same samples", f"{seconds * 1e3:.1f} ms", f"{rate / 1e9:.0f} GB/s", "", f"{rate / copy_bw:.1%}"]
+            )
+            values[name] = {"seconds": seconds}
 
     # ---------------------------------------------------------------------- parity
 

@@ -152,6 +152,24 @@ def test_backprojections_match():
         assert _relative_l2(gpu, cpu) < 1e-5
 
 
+def test_cuda_kernels_are_used_and_match_the_array_expressions():
+    """The projection kernels compile, pass their self-check and agree with the expressions."""
+    from habinit_plugin.engine import kernels  # noqa: PLC0415
+    from habinit_plugin.engine.projector import backproject_expressions, project_expressions  # noqa: PLC0415
+
+    rng = np.random.default_rng(3)
+    size = 64
+    grid = cupy.asarray((rng.standard_normal((size,) * 3) + 1j * rng.standard_normal((size,) * 3)).astype(np.complex64))
+    coords = cupy.asarray(rng.uniform(-15, 15, (5000, 3)).astype(np.float32))
+    fast = project(grid, coords, 2)
+    assert kernels._state["enabled"], "the kernels switched themselves off (see the warning)"
+    assert _relative_l2(fast, project_expressions(grid, coords, 2)) < 1e-6
+    values = fast * 1.5
+    a = backproject(values, coords, size, 2)
+    b = backproject_expressions(values, coords, size, 2)
+    assert _relative_l2(a, b) < 1e-5
+
+
 def test_simulated_images_match():
     volume = _volume(48, 2.4)
     poses = random_poses(SimulationSettings(n_particles=64, seed=4), 2.4, 48)

@@ -13,6 +13,7 @@ the FFT and :func:`grid_to_volume` after the inverse FFT ("gridding correction")
 
 from __future__ import annotations
 
+from . import kernels
 from .backend import array_module, scatter_add
 from .fourier import centered_fftn, centered_ifftn
 
@@ -100,7 +101,16 @@ def project(grid, coords, oversampling: int):
 
     grid: (G, G, G) complex (or real); coords: (..., 3) frequencies in Fourier pixels
     of the box the grid was made from. Returns (...) values, same dtype as grid.
+    On a GPU a CUDA kernel does it (:mod:`.kernels`), else the array expressions.
     """
+    fast = kernels.project(grid, coords, oversampling)
+    if fast is not None:
+        return fast.reshape(coords.shape[:-1])
+    return project_expressions(grid, coords, oversampling)
+
+
+def project_expressions(grid, coords, oversampling: int):
+    """:func:`project` as array expressions (NumPy or CuPy)."""
     xp = array_module(grid)
     size = grid.shape[0]
     flat = grid.reshape(-1)
@@ -120,6 +130,15 @@ def backproject(values, coords, grid_size: int, oversampling: int, out=None):
     values: (...) complex or real; coords: (..., 3). ``out``: (G, G, G) array of the
     values' kind to accumulate into (created when None). Returns ``out``.
     """
+    if out is None:
+        out = array_module(values).zeros((grid_size,) * 3, dtype=values.dtype)
+    if kernels.backproject(values, coords, out, oversampling):
+        return out
+    return backproject_expressions(values, coords, grid_size, oversampling, out)
+
+
+def backproject_expressions(values, coords, grid_size: int, oversampling: int, out=None):
+    """:func:`backproject` as array expressions (NumPy or CuPy)."""
     xp = array_module(values)
     if out is None:
         out = xp.zeros((grid_size,) * 3, dtype=values.dtype)

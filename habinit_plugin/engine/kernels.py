@@ -1,0 +1,204 @@
+"""CUDA kernels for trilinear slice extraction and insertion (CuPy only).
+
+:func:`project` and :func:`backproject` do what the array expressions of
+:mod:`.projector` do, one thread per sample: the 8 corners of its trilinear cell are
+read (or atomically added to) in one pass, without the index and weight arrays that
+the expressions materialise. Same conventions: grid (G, G, G) complex64 or float32,
+C-contiguous; coords (P, 3) frequencies (kx, ky, kz) in Fourier pixels of the box;
+grid index ``G//2 + oversampling * k``; points clamped into the grid.
+
+Each returns None where the kernels do not apply (NumPy arrays, other dtypes,
+non-contiguous grids) or are switched off: the caller then uses the expressions. On
+first use the kernels are compiled and checked against the expressions on a small
+problem; if that fails they are switched off with a warning, so a driver or compiler
+problem costs speed, never a result. ``HABINIT_KERNELS=0`` switches them off.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from .backend import array_module
+
+_SOURCE = r"""
+__device__ __forceinline__ void cell(const float* c, long long i, int size, float oversampling,
+                                     long long* base, float* fx, float* fy, float* fz) {
+    const float half = (float)(size / 2);
+    const float top = (float)((double)size - 1.001);
+    float g[3];
+    int i0[3];
+    for (int a = 0; a < 3; ++a) {
+        float v = __fadd_rn(__fmul_rn(c[3 * i + a], oversampling), half);
+        v = fminf(fmaxf(v, 0.0f), top);
+        i0[a] = (int)v;
+        g[a] = __fsub_rn(v, (float)i0[a]);
+    }
+    *base = ((long long)i0[2] * size + i0[1]) * size + i0[0];
+    *fx = g[0]; *fy = g[1]; *fz = g[2];
+}
+
+extern "C" __global__ void project_c64(const float2* grid, const float* coords, float2* out,
+                                       long long n, int size, float oversampling) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long base; float fx, fy, fz;
+    cell(coords, i, size, oversampling, &base, &fx, &fy, &fz);
+    const long long s1 = size, s2 = (long long)size * size;
+    const float gx = 1.0f - fx;
+    float2 acc = make_float2(0.0f, 0.0f);
+    for (int dz = 0; dz < 2; ++dz) {
+        for (int dy = 0; dy < 2; ++dy) {
+            float w = (dz ? fz : 1.0f - fz) * (dy ? fy : 1.0f - fy);
+            long long k = base + dz * s2 + dy * s1;
+            float2 lo = grid[k], hi = grid[k + 1];
+            acc.x += (lo.x * gx + hi.x * fx) * w;
+            acc.y += (lo.y * gx + hi.y * fx) * w;
+        }
+    }
+    out[i] = acc;
+}
+
+extern "C" __global__ void project_f32(const float* grid, const float* coords, float* out,
+                                       long long n, int size, float oversampling) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long base; float fx, fy, fz;
+    cell(coords, i, size, oversampling, &base, &fx, &fy, &fz);
+    const long long s1 = size, s2 = (long long)size * size;
+    const float gx = 1.0f - fx;
+    float acc = 0.0f;
+    for (int dz = 0; dz < 2; ++dz) {
+        for (int dy = 0; dy < 2; ++dy) {
+            float w = (dz ? fz : 1.0f - fz) * (dy ? fy : 1.0f - fy);
+            long long k = base + dz * s2 + dy * s1;
+            acc += (grid[k] * gx + grid[k + 1] * fx) * w;
+        }
+    }
+    out[i] = acc;
+}
+
+extern "C" __global__ void backproject_c64(const float2* values, const float* coords, float* grid,
+                                           long long n, int size, float oversampling) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long base; float fx, fy, fz;
+    cell(coords, i, size, oversampling, &base, &fx, &fy, &fz);
+    const long long s1 = size, s2 = (long long)size * size;
+    const float2 v = values[i];
+    for (int dz = 0; dz < 2; ++dz) {
+        for (int dy = 0; dy < 2; ++dy) {
+            float w = (dz ? fz : 1.0f - fz) * (dy ? fy : 1.0f - fy);
+            long long k = 2 * (base + dz * s2 + dy * s1);
+            float wx0 = w * (1.0f - fx), wx1 = w * fx;
+            atomicAdd(grid + k, v.x * wx0);
+            atomicAdd(grid + k + 1, v.y * wx0);
+            atomicAdd(grid + k + 2, v.x * wx1);
+            atomicAdd(grid + k + 3, v.y * wx1);
+        }
+    }
+}
+
+extern "C" __global__ void backproject_f32(const float* values, const float* coords, float* grid,
+                                           long long n, int size, float oversampling) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long base; float fx, fy, fz;
+    cell(coords, i, size, oversampling, &base, &fx, &fy, &fz);
+    const long long s1 = size, s2 = (long long)size * size;
+    const float v = values[i];
+    for (int dz = 0; dz < 2; ++dz) {
+        for (int dy = 0; dy < 2; ++dy) {
+            float w = (dz ? fz : 1.0f - fz) * (dy ? fy : 1.0f - fy);
+            long long k = base + dz * s2 + dy * s1;
+            atomicAdd(grid + k, v * (w * (1.0f - fx)));
+            atomicAdd(grid + k + 1, v * (w * fx));
+        }
+    }
+}
+"""
+
+_THREADS = 256
+_state: dict = {"enabled": os.environ.get("HABINIT_KERNELS", "1") != "0", "checked": False, "module": None}
+
+
+def set_enabled(enabled: bool) -> None:
+    """Switch the kernels on or off (off: the array expressions run; for benchmarks)."""
+    _state["enabled"] = enabled
+
+
+def project(grid, coords, oversampling: int):
+    """Trilinear samples (P,) of ``grid`` at ``coords`` (..., 3), or None (see module doc)."""
+    if not _ready(grid) or grid.dtype not in ("complex64", "float32"):
+        return None
+    xp = array_module(grid)
+    points = xp.ascontiguousarray(coords.reshape(-1, 3), dtype=xp.float32)
+    out = xp.empty(len(points), dtype=grid.dtype)
+    name = "project_c64" if grid.dtype == xp.complex64 else "project_f32"
+    _launch(name, (grid, points, out), len(points), grid.shape[0], oversampling)
+    return out
+
+
+def backproject(values, coords, out, oversampling: int):
+    """Add the values (...) at ``coords`` (..., 3) into ``out`` in place; False where not applicable."""
+    if not _ready(out) or out.dtype not in ("complex64", "float32") or not out.flags.c_contiguous:
+        return False
+    xp = array_module(out)
+    points = xp.ascontiguousarray(coords.reshape(-1, 3), dtype=xp.float32)
+    vals = xp.ascontiguousarray(values.reshape(-1), dtype=out.dtype)
+    name = "backproject_c64" if out.dtype == xp.complex64 else "backproject_f32"
+    target = out.view(xp.float32)
+    _launch(name, (vals, points, target), len(points), out.shape[0], oversampling)
+    return True
+
+
+def _launch(name: str, arrays: tuple, n: int, size: int, oversampling: int) -> None:
+    """One thread per point: kernel(*arrays, n, grid size, oversampling)."""
+    if n:
+        args = (*arrays, np.int64(n), np.int32(size), np.float32(oversampling))
+        _state["module"].get_function(name)(((n + _THREADS - 1) // _THREADS,), (_THREADS,), args)
+
+
+def _ready(array) -> bool:
+    """True when the kernels run on this array: a CuPy array, kernels on, compiled and checked."""
+    xp = array_module(array)
+    if xp is np or not _state["enabled"]:
+        return False
+    if not _state["checked"]:
+        _state["checked"] = True
+        try:
+            _state["module"] = xp.RawModule(code=_SOURCE, options=("--std=c++14",))
+            error = _self_check(xp)
+        except Exception as exc:  # noqa: BLE001 (any compile or launch failure: fall back)
+            error = f"{type(exc).__name__}: {exc}"
+        if error:
+            _state["enabled"] = False
+            warnings.warn(f"CUDA projection kernels off, array expressions used instead: {error}", stacklevel=3)
+    return _state["enabled"]
+
+
+def _self_check(xp) -> str | None:
+    """Compare the kernels with the array expressions on a small random problem."""
+    from . import projector  # noqa: PLC0415 (the expressions call back into this module)
+
+    rng = np.random.default_rng(0)
+    size, oversampling = 24, 2
+    shape = (size,) * 3
+    grid = xp.asarray((rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64))
+    coords = xp.asarray(rng.uniform(-7, 7, (500, 3)).astype(np.float32))
+    values = xp.asarray((rng.standard_normal(500) + 1j * rng.standard_normal(500)).astype(np.complex64))
+    for kind in (np.complex64, np.float32):
+        g = grid if kind is np.complex64 else xp.ascontiguousarray(grid.real)
+        v = values if kind is np.complex64 else xp.ascontiguousarray(values.real)
+        fast = project(g, coords, oversampling)
+        slow = projector.project_expressions(g, coords, oversampling)
+        a, b = xp.zeros_like(g), xp.zeros_like(g)
+        backproject(v, coords, a, oversampling)
+        projector.backproject_expressions(v, coords, size, oversampling, out=b)
+        for what, x, y in (("project", fast, slow), ("backproject", a, b)):
+            err = float(xp.linalg.norm(x - y) / xp.linalg.norm(y))
+            if not err < 1e-5:
+                return f"{what} ({np.dtype(kind).name}) differs from the array expressions by {err:.2e}"
+    return None
