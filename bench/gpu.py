@@ -1061,7 +1061,7 @@ class Bench:
         halves = {}
         for h, value in (("A", 1), ("B", 2)):
             mine = np.sort(rows[found.half_set == value])
-            comparison = compare_to_truth(maps[h], truth, px)
+            comparison = compare_to_truth(maps[h], truth, px, xp=xp)
             subset = truth_poses.subset(mine)
             k_a, k_b, _ = reconstruct_half_maps(subset, np.arange(len(mine)) % 2 + 1, xp=xp, batch_size=1000)
             known = resolution_at(fsc(0.5 * (k_a + k_b), truth), 0.5, px)
@@ -1078,6 +1078,7 @@ class Bench:
             found.shifts,
             truth_poses.rotations[rows],
             truth_poses.shifts[rows],
+            xp=xp,
         )
         for h in "AB":
             r = halves[h]

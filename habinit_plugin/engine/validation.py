@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .align3d import Alignment, align_maps, apply_to_poses, transform_map
+from .backend import to_numpy
 from .fsc import fsc, resolution_at
 from .so3 import geodesic_distance
 
@@ -46,15 +47,16 @@ def compare_to_truth(
     true_rotations: np.ndarray | None = None,
     true_origins: np.ndarray | None = None,
     alignment: Alignment | None = None,
+    xp=np,
 ) -> TruthComparison:
     """Align ``volume`` (N, N, N) onto ``truth`` and measure FSC and pose errors.
 
     rotations (P, 3, 3) and origins (P, 2) (pixels) are the poses found for the
     particles whose true poses are ``true_rotations``/``true_origins``. Pass
-    ``alignment`` to reuse a transform found before.
+    ``alignment`` to reuse a transform found before. The maps are aligned on ``xp``'s device.
     """
-    alignment = alignment or align_maps(truth, volume, pixel_size)
-    aligned = transform_map(volume.astype(np.float32), alignment)
+    alignment = alignment or align_maps(truth, volume, pixel_size, xp=xp)
+    aligned = to_numpy(transform_map(xp.asarray(volume, dtype=xp.float32), alignment))
     curve = fsc(aligned, truth)
     result = TruthComparison(
         alignment, curve, resolution_at(curve, 0.5, pixel_size), resolution_at(curve, 0.143, pixel_size)
