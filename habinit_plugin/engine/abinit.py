@@ -485,14 +485,16 @@ def full_pass(
     xp, s = run.xp, run.settings
     if not isinstance(references, (list, tuple)):
         references = (references, references)
-    grids = [volume_to_grid(xp.asarray(v), s.oversampling) for v in references]
+    same = references[0] is references[1]
+    grids = [volume_to_grid(xp.asarray(v), s.oversampling) for v in references[: 1 if same else 2]]
+    grids = grids * 2 if same else grids
     halves = internal_halves(run)
     marginalise = local and s.marginalise
     sums = [Backprojection.zeros(run.box, s.oversampling, xp) for _ in range(2)]
     arrays = [a for bp in sums for a in (bp.data, bp.weight)]
     limit = gpu_memory_limit(xp)
     if limit:  # the sums, their scratch copies and the references stay on the device
-        fixed = 2 * sum(a.nbytes for a in arrays) + sum(g.nbytes for g in grids)
+        fixed = 2 * sum(a.nbytes for a in arrays) + sum(g.nbytes for g in grids[: 1 if same else 2])
         chunk = chunk_size_for_budget(particle_bytes(run.box), limit, fixed, max_size=chunk, fraction=0.8)
     rotations = np.empty((run.n, 3, 3))
     origins = np.empty((run.n, 2))
@@ -515,6 +517,7 @@ def full_pass(
             staged.run(add, np.arange(start, min(start + chunk, run.n)))
     run.rotations, run.origins = rotations, origins
     run.seen[:] = True
+    grids.clear()  # free the device memory of the references before the maps' FFTs
     return _pass_maps(run, sums, rotations, origins)
 
 

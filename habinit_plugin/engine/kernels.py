@@ -131,7 +131,7 @@ def set_enabled(enabled: bool) -> None:
 
 def project(grid, coords, oversampling: int):
     """Trilinear samples (P,) of ``grid`` at ``coords`` (..., 3), or None (see module doc)."""
-    if not _ready(grid) or grid.dtype not in ("complex64", "float32"):
+    if not _ready(grid) or grid.dtype not in ("complex64", "float32") or not grid.flags.c_contiguous:
         return None
     xp = array_module(grid)
     points = xp.ascontiguousarray(coords.reshape(-1, 3), dtype=xp.float32)
