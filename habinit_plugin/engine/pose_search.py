@@ -29,6 +29,7 @@ import numpy as np
 
 from .backend import array_module, to_numpy
 from .fourier import phase_shift
+from .memory import gpu_memory_limit
 from .projector import project, slice_coordinates
 from .so3 import grid_children, grid_rotations, grid_spacing, rotvec_to_matrix
 
@@ -242,6 +243,7 @@ def _refine_candidates(
     best = np.empty((n_images, beam), dtype=np.int64)
     new_origins = np.empty((n_images, beam, 2))
     energies = np.empty((n_images, beam))
+    chunk = _device_chunk(xp, chunk, n_parents * n_rot * (hi - lo))
     for start in range(0, n_images, chunk):
         rows = slice(start, min(start + chunk, n_images))
         b = rows.stop - rows.start
@@ -264,6 +266,16 @@ def _refine_candidates(
         new_origins[rows] = np.take_along_axis(origins[rows], k_parent[..., None], axis=1) + deltas[d_idx]
         energies[rows] = to_numpy(vals)
     return best, new_origins, energies
+
+
+def _device_chunk(xp, chunk: int, values_per_image: int) -> int:
+    """Images per chunk: ``chunk`` on the CPU; on a GPU enough (at least ``chunk``) for the
+    candidates' projections to take about 128 MB, or 1/16 of the ``--gpu-mem`` limit."""
+    if xp is np:
+        return chunk
+    limit = gpu_memory_limit(xp)
+    budget = min(128e6, limit / 16) if limit else 128e6
+    return max(chunk, int(budget // (8 * values_per_image)))
 
 
 @dataclass
