@@ -428,8 +428,13 @@ class AbinitRun:
         self.history = [IterationLog(**h) for h in meta["history"]]
 
 
+def pose_change_text(degrees: float) -> str:
+    """Median pose change (degrees) for the log: "n/a" while no particle of the minibatch was seen before."""
+    return "n/a" if math.isnan(degrees) else f"{degrees:.1f}"
+
+
 def _format_log(entry: IterationLog, total: int) -> str:
-    change = "  n/a" if math.isnan(entry.pose_change) else f"{entry.pose_change:5.1f}"
+    change = f"{pose_change_text(entry.pose_change):>5}"
     return (
         f"iter {entry.iteration + 1:4d}/{total} res {entry.resolution:5.1f} A batch {entry.batch:4d} "
         f"lr {entry.learning_rate:.2f} pose change {change} deg  {entry.seconds:.2f} s"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .abinit import AbinitRun, AbinitSettings, PassResult, full_pass, next_radius
+from .abinit import AbinitRun, AbinitSettings, PassResult, full_pass, next_radius, pose_change_text
 from .align3d import Alignment, align_maps, apply_to_poses, transform_map
 from .backend import to_numpy
 from .checkpoint import Checkpoint
@@ -180,7 +180,8 @@ class GoldStandardJob:
                 rate = (time.time() - t_start) / max(t - it_start, 1)
                 self.log(
                     f"SGD iteration {t}/{total}: resolution {entries[0].resolution:.1f} A, minibatch "
-                    f"{entries[0].batch}, pose change A {entries[0].pose_change:.1f} B {entries[1].pose_change:.1f} "
+                    f"{entries[0].batch}, pose change A {pose_change_text(entries[0].pose_change)} "
+                    f"B {pose_change_text(entries[1].pose_change)} "
                     f"deg, {rate:.2f} s/iteration, about {rate * (total - t) / 60:.1f} min left in the SGD phase"
                 )
             self._maybe_save()
