@@ -490,16 +490,15 @@ def full_pass(
     xp, s = run.xp, run.settings
     if not isinstance(references, (list, tuple)):
         references = (references, references)
-    same = references[0] is references[1]
-    grids = [volume_to_grid(xp.asarray(v), s.oversampling) for v in references[: 1 if same else 2]]
-    grids = grids * 2 if same else grids
+    distinct = references[:1] if references[0] is references[1] else references
+    grids = [volume_to_grid(xp.asarray(v), s.oversampling) for v in distinct]  # internal half h: grids[h % len]
     halves = internal_halves(run)
     marginalise = local and s.marginalise
     sums = [Backprojection.zeros(run.box, s.oversampling, xp) for _ in range(2)]
     arrays = [a for bp in sums for a in (bp.data, bp.weight)]
     limit = gpu_memory_limit(xp)
     if limit:  # the sums, their scratch copies and the references stay on the device
-        fixed = 2 * sum(a.nbytes for a in arrays) + sum(g.nbytes for g in grids[: 1 if same else 2])
+        fixed = 2 * sum(a.nbytes for a in arrays) + sum(g.nbytes for g in grids)
         chunk = chunk_size_for_budget(particle_bytes(run.box), limit, fixed, max_size=chunk, fraction=0.8)
     rotations = np.empty((run.n, 3, 3))
     origins = np.empty((run.n, 2))
@@ -511,7 +510,8 @@ def full_pass(
             if len(rows) == 0:
                 continue
             mine = _rows(batch, rows)
-            result = _search_chunk(run, grids[h], _truncate(mine, radius), index[rows], radius, local, marginalise)
+            reference = grids[h % len(grids)]
+            result = _search_chunk(run, reference, _truncate(mine, radius), index[rows], radius, local, marginalise)
             rotations[index[rows]] = result.rotations[:, 0]
             origins[index[rows]] = result.origins[:, 0]
             target = Backprojection(targets[2 * h], targets[2 * h + 1], run.box, s.oversampling)
