@@ -2,7 +2,8 @@
 
 Numerical code is written once against an array namespace ``xp``. Functions take
 the namespace from their input arrays (:func:`array_module`), so the same code runs
-on host or device arrays. The device is chosen once per run with :func:`get_xp`.
+on host or device arrays. The device is chosen once per run with :func:`get_xp`;
+host arrays go to the device through :func:`to_device` (pinned buffers on a GPU).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -84,6 +86,11 @@ def array_module(*arrays) -> ModuleType:
     return np
 
 
+def is_cupy(xp) -> bool:
+    """True when ``xp`` is the CuPy module."""
+    return xp is not np and getattr(xp, "__name__", "") == "cupy"
+
+
 def to_numpy(x) -> np.ndarray:
     """A host NumPy copy (or view) of a NumPy or CuPy array."""
     if isinstance(x, np.ndarray):
@@ -131,3 +138,57 @@ def scatter_add(target, index, values) -> None:
         xp.add.at(pairs, index + 1, xp.ascontiguousarray(values.imag, dtype=pairs.dtype))
     else:
         xp.add.at(target, index, values)
+
+
+class _PinnedStager:
+    """Two reusable page-locked host buffers; a copy waits for the buffer's previous copy."""
+
+    def __init__(self, cupy):
+        self.cupy = cupy
+        self.buffers: list[np.ndarray | None] = [None, None]
+        self.events: list[Any] = [None, None]
+        self.turn = 0
+
+    def copy(self, host: np.ndarray):
+        cupy = self.cupy
+        k = self.turn
+        self.turn ^= 1
+        if self.events[k] is not None:
+            self.events[k].synchronize()  # the previous copy out of this buffer is done
+        buf = self.buffers[k]
+        if buf is None or buf.nbytes < host.nbytes:
+            import cupyx  # noqa: PLC0415
+
+            buf = cupyx.empty_pinned((max(host.nbytes, 1 << 20),), dtype=np.uint8)
+            self.buffers[k] = buf
+        view = buf[: host.nbytes].view(host.dtype).reshape(host.shape)
+        np.copyto(view, host)
+        out = cupy.empty(host.shape, dtype=host.dtype)
+        stream = cupy.cuda.get_current_stream()
+        out.set(view, stream=stream)
+        self.events[k] = stream.record()
+        return out
+
+
+_STAGER: _PinnedStager | None = None
+_PINNED_MIN_BYTES = 1 << 20
+
+
+def to_device(host_array, xp):
+    """``host_array`` on the device of ``xp``: the identity on NumPy (``np.asarray``).
+
+    On a GPU, arrays of 1 MB or more go through one of two reusable pinned buffers
+    (page-locked memory, copied asynchronously on the current stream); smaller ones and
+    arrays already on the device go through ``xp.asarray``.
+    """
+    if not is_cupy(xp):
+        return np.asarray(host_array)
+    if isinstance(host_array, xp.ndarray):
+        return host_array
+    host = np.ascontiguousarray(host_array)
+    if host.nbytes < _PINNED_MIN_BYTES or host.dtype == object:
+        return xp.asarray(host)
+    global _STAGER
+    if _STAGER is None:
+        _STAGER = _PinnedStager(xp)
+    return _STAGER.copy(host)

@@ -8,49 +8,15 @@ Files are read with ``allow_pickle=False``: a crafted file cannot run code.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .outputs import OutputError, atomic_write, read_json, write_json
 
-class CheckpointError(ValueError):
+
+class CheckpointError(OutputError):
     """A checkpoint that cannot be used (another job's, or damaged)."""
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Write JSON atomically (temporary file, fsync, rename); NaN/inf become null."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(data), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: str | Path) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc})") from exc
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class Checkpoint:
@@ -64,9 +30,19 @@ class Checkpoint:
     def exists(self) -> bool:
         return self.state_path.is_file()
 
+    def matches(self) -> bool:
+        """True when the checkpoint is this job's (same key); False for another job's or an unreadable one."""
+        try:
+            return read_json(self.state_path).get("job_key") == self.job_key
+        except OutputError:
+            return False
+
     def load(self) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
         """(state, arrays by group). Raises CheckpointError for another job's checkpoint."""
-        state = read_json(self.state_path)
+        try:
+            state = read_json(self.state_path)
+        except OutputError as exc:
+            raise CheckpointError(str(exc)) from exc
         if state.get("job_key") != self.job_key:
             raise CheckpointError(
                 f"{self.folder} holds the checkpoint of a different job (other particles or parameters); "
@@ -93,11 +69,8 @@ class Checkpoint:
         names = {}
         for group, values in arrays.items():
             name = f"{group}.{generation}.npz"
-            tmp = self.folder / (name + ".tmp.npz")
-            np.savez(tmp, **values)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.folder / name)
+            with atomic_write(self.folder / name) as tmp:
+                np.savez(tmp, **values)
             names[group] = name
         state = dict(state, generation=generation, arrays=names, job_key=self.job_key)
         write_json(self.state_path, state)

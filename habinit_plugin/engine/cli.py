@@ -7,7 +7,6 @@ the files are; errors in the input end the program with one clear message.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -16,17 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from . import density
-from .abinit import AbinitSettings
 from .align3d import AlignSettings, align_maps, transform_map
-from .backend import DeviceError, device_name, get_xp
-from .fsc import fsc, resolution_at, shell_frequencies
-from .halves import assign_half_sets
-from .jobs import QUICK_SCHEDULE, gold_standard_job, single_abinit_job
-from .memory import set_gpu_memory_limit
+from .backend import DeviceError, get_xp
+from .fsc import fsc, resolution_at
+from .jobs import gold_standard_job, reconstruct_job, single_abinit_job
 from .mrc import MRCError, read_map, write_map
-from .particles import ParticleError, load_particles
-from .reconstruct import reconstruct_half_maps
-from .refine import JobSettings
+from .outputs import fsc_curve, fsc_report, write_json
+from .particles import ParticleError
+from .settings import QUICK_SCHEDULE, AbinitSettings, DeviceSettings, JobSettings, cli_fields, option_name, unit_of
 from .simulate import SimulationSettings, simulate_dataset
 from .so3 import matrix_to_euler
 from .star import StarError
@@ -77,7 +73,7 @@ def run_simulate(args) -> dict:
         defocus_max=args.defocus[1],
     )
     t0 = time.time()
-    paths = simulate_dataset(volume, pixel_size, args.out, settings, xp=xp, log=log.info)
+    paths = simulate_dataset(volume, pixel_size, args.out, settings, xp=xp)
     log.info(
         f"simulated {args.n_particles} particles, box {volume.shape[0]}, {pixel_size:g} A/px, "
         f"SNR {args.snr:g} in {time.time() - t0:.1f} s"
@@ -98,52 +94,20 @@ def add_reconstruct(sub) -> None:
     p.add_argument("--no-keep-split", action="store_true", help="ignore an input rlnRandomSubset")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--image-root", help="folder that relative image paths are relative to")
-    p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
+    add_settings_arguments(p, DeviceSettings)
     p.set_defaults(func=run_reconstruct)
 
 
 def run_reconstruct(args) -> dict:
-    xp = get_xp(args.device)
-    particles = load_particles(args.particles, image_root=args.image_root)
-    half, how = assign_half_sets(particles, args.seed, keep_existing=not args.no_keep_split)
-    log.info(
-        f"{len(particles)} particles, box {particles.box}, {particles.pixel_size:g} A/px, {how}; "
-        f"device {device_name(xp)}"
+    return reconstruct_job(
+        args.particles,
+        args.out,
+        args.seed,
+        not args.no_keep_split,
+        args.batch_size,
+        settings_from_arguments(args, DeviceSettings),
+        args.image_root,
     )
-    t0 = time.time()
-    map_a, map_b, _ = reconstruct_half_maps(particles, half, xp=xp, batch_size=args.batch_size, log=log.info)
-    seconds = time.time() - t0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_map(out / "half_map_A.mrc", map_a, particles.pixel_size)
-    write_map(out / "half_map_B.mrc", map_b, particles.pixel_size)
-    report = fsc_report(fsc(map_a, map_b), particles.pixel_size)
-    report.update(particles=len(particles), seconds=seconds, split=how)
-    _write_json(out / "fsc.json", report)
-    log.info(
-        f"reconstructed in {seconds:.1f} s ({len(particles) / seconds:.0f} particles/s): "
-        f"GS-FSC 0.143 at {report['resolution_0143']:.2f} A, 0.5 at {report['resolution_05']:.2f} A"
-    )
-    log.info(f"  half maps: {out / 'half_map_A.mrc'}, {out / 'half_map_B.mrc'}; FSC: {out / 'fsc.json'}")
-    return report
-
-
-def fsc_report(curve: np.ndarray, pixel_size: float) -> dict:
-    box = 2 * (len(curve) - 1)
-    return {
-        "frequency_per_A": shell_frequencies(box, pixel_size).round(6).tolist(),
-        "fsc": np.round(curve, 6).tolist(),
-        "resolution_05": resolution_at(curve, 0.5, pixel_size),
-        "resolution_0143": resolution_at(curve, 0.143, pixel_size),
-        "pixel_size": pixel_size,
-        "box": box,
-    }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- fsc
@@ -168,14 +132,16 @@ def run_fsc(args) -> dict:
     mask = read_map(args.mask)[0] if args.mask else None
     if mask is not None and mask.shape != a.shape:
         raise ValueError(f"mask {args.mask} {mask.shape} does not match the maps {a.shape}")
-    report = fsc_report(fsc(a, b, mask), pixel_size)
+    curve = fsc(a, b, mask)
+    resolutions = resolution_at(curve, 0.143, pixel_size), resolution_at(curve, 0.5, pixel_size)
+    report = fsc_report(curve, pixel_size, *resolutions)
     print(f"{'shell':>5} {'1/A':>8} {'A':>7} {'FSC':>7}")
-    for s, (f, c) in enumerate(zip(report["frequency_per_A"], report["fsc"])):
+    for s, (f, c) in enumerate(zip(*fsc_curve(report))):
         res = f"{1 / f:7.2f}" if f > 0 else "    inf"
         print(f"{s:5d} {f:8.4f} {res} {c:7.3f}")
     print(f"resolution at FSC 0.5: {report['resolution_05']:.2f} A; at 0.143: {report['resolution_0143']:.2f} A")
     if args.json:
-        _write_json(Path(args.json), report)
+        write_json(Path(args.json), report)
     return report
 
 
@@ -214,6 +180,7 @@ def run_demo(args) -> dict:
         batch_size=1000,
         image_root=None,
         device=args.device,
+        gpu_mem_GB=None,
     )
     report = run_reconstruct(rec)
     truth, pixel_size = read_map(paths["gt_map"])
@@ -235,83 +202,67 @@ def run_demo(args) -> dict:
 # ------------------------------------------------------------------ ab initio jobs
 
 
+def add_settings_arguments(p, cls) -> None:
+    """One option per field of a settings class (:mod:`.settings`): name, default, unit and help."""
+    for f in cli_fields(cls):
+        option, default = option_name(f.name), f.default
+        unit = unit_of(f.name)
+        help_text = f.metadata["help"] + (f" ({unit})" if unit else "")
+        if isinstance(default, bool):
+            flag = option if not default else option.replace("--", "--no-", 1)
+            action = "store_false" if default else "store_true"
+            p.add_argument(flag, dest=f.name, action=action, help=help_text)
+            continue
+        kind = float if default is None else type(default)
+        choices = f.metadata.get("choices") or None
+        if default is not None:
+            help_text += f"; default {default}"
+        p.add_argument(option, dest=f.name, type=kind, default=default, choices=choices, help=help_text)
+
+
+def settings_from_arguments(args, cls, **values):
+    """A settings object from the parsed options of :func:`add_settings_arguments`, ``values`` replacing them."""
+    return cls(**dict({f.name: getattr(args, f.name) for f in cli_fields(cls)}, **values))
+
+
 def _add_abinit_arguments(p) -> None:
-    """The parameters cryoSPARC users know from its ab initio job."""
-    d = AbinitSettings()
+    """Input, output and device options, and the parameters cryoSPARC users know from its ab initio job."""
     p.add_argument("--particles", required=True, help="RELION .star (3.0 or 3.1+) or cryoSPARC .cs particles")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--image-root", help="folder that relative image paths are relative to")
-    p.add_argument("--initial-resolution", type=float, default=d.initial_resolution, help="Angstrom")
-    p.add_argument("--max-resolution", type=float, help="Angstrom (default: Nyquist; finer values are clamped)")
-    p.add_argument("--sgd-resolution", type=float, default=d.sgd_resolution, help="where SGD hands over, Angstrom")
-    p.add_argument("--n-initial-iterations", type=int, default=d.n_initial_iterations)
-    p.add_argument("--n-final-iterations", type=int, default=d.n_final_iterations)
-    p.add_argument("--initial-batch", type=int, default=d.initial_batch, help="initial minibatch size")
-    p.add_argument("--final-batch", type=int, default=d.final_batch, help="final minibatch size")
-    p.add_argument("--learning-rate", type=float, default=d.initial_learning_rate, help="initial learning rate")
-    p.add_argument("--n-final-passes", type=int, default=d.n_final_passes, help="full passes after SGD")
-    p.add_argument(
-        "--no-marginalise",
-        action="store_true",
-        help="insert each particle at its best pose only in the local passes (faster, lower resolution at low SNR)",
-    )
-    p.add_argument("--mask-radius", type=float, help="radius of the spherical window, Angstrom")
-    p.add_argument("--min-resolution", type=float, help="ignore frequencies below this in the search (small particles)")
-    p.add_argument("--no-preconditioner", action="store_true", help="plain SGD step (for comparison)")
+    add_settings_arguments(p, AbinitSettings)
     p.add_argument("--quick", action="store_true", help="a short schedule for tests and demonstrations")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
-    p.add_argument("--gpu-mem", type=float, help="GPU memory ceiling in GB (GPU path)")
+    add_settings_arguments(p, DeviceSettings)
 
 
 def _abinit_settings(args) -> AbinitSettings:
-    values = {
-        "initial_resolution": args.initial_resolution,
-        "max_resolution": args.max_resolution,
-        "sgd_resolution": args.sgd_resolution,
-        "n_initial_iterations": args.n_initial_iterations,
-        "n_final_iterations": args.n_final_iterations,
-        "initial_batch": args.initial_batch,
-        "final_batch": args.final_batch,
-        "initial_learning_rate": args.learning_rate,
-        "n_final_passes": args.n_final_passes,
-        "marginalise": not args.no_marginalise,
-        "mask_radius": args.mask_radius,
-        "min_resolution": args.min_resolution,
-        "preconditioner": not args.no_preconditioner,
-        "seed": args.seed,
-    }
-    if args.quick:
-        values.update(QUICK_SCHEDULE)
-    for name in ("n_initial_iterations", "initial_batch", "final_batch"):
-        if values[name] < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {values[name]}")
-    return AbinitSettings(**values)
+    return settings_from_arguments(args, AbinitSettings, **(QUICK_SCHEDULE if args.quick else {}))
 
 
 def add_run(sub) -> None:
     p = sub.add_parser("run", help="the gold-standard job: two half maps from scratch, aligned, with their FSC")
     _add_abinit_arguments(p)
-    p.add_argument("--n-particles", type=int, default=0, help="use the first N particles (0: all; the rest are unused)")
-    p.add_argument("--no-keep-split", action="store_true", help="ignore an input rlnRandomSubset / cryoSPARC split")
-    p.add_argument("--align-every", type=int, default=40, help="SGD iterations between half-map alignments")
-    p.add_argument("--checkpoint-minutes", type=float, default=2.0)
+    add_settings_arguments(p, JobSettings)
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    p.add_argument(
+        "--restart-changed",
+        action="store_true",
+        help="start over when the output folder holds the checkpoint of other particles or parameters "
+        "(default: refuse it)",
+    )
     p.set_defaults(func=run_run)
 
 
 def run_run(args) -> dict:
-    set_gpu_memory_limit(get_xp(args.device), args.gpu_mem)
-    settings = JobSettings(
-        abinit=_abinit_settings(args),
-        n_particles=args.n_particles,
-        keep_split=not args.no_keep_split,
-        seed=args.seed,
-        align_every=args.align_every,
-        checkpoint_seconds=60.0 * args.checkpoint_minutes,
-    )
+    settings = settings_from_arguments(args, JobSettings, abinit=_abinit_settings(args))
     return gold_standard_job(
-        args.particles, args.out, settings, args.device, args.overwrite, args.image_root, log=log.info
+        args.particles,
+        args.out,
+        settings,
+        settings_from_arguments(args, DeviceSettings),
+        args.overwrite,
+        args.image_root,
+        args.restart_changed,
     )
 
 
@@ -323,10 +274,8 @@ def add_abinit(sub) -> None:
 
 
 def run_abinit(args) -> dict:
-    set_gpu_memory_limit(get_xp(args.device), args.gpu_mem)
-    return single_abinit_job(
-        args.particles, args.out, _abinit_settings(args), args.device, args.save_every, args.image_root, log.info
-    )
+    device = settings_from_arguments(args, DeviceSettings)
+    return single_abinit_job(args.particles, args.out, _abinit_settings(args), device, args.save_every, args.image_root)
 
 
 def add_align(sub) -> None:

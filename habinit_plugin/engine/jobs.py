@@ -1,49 +1,78 @@
-"""Jobs as the command line runs them: input checks, resume, outputs.
+"""Jobs as the command line runs them: inputs, device, resume, and the files they leave.
 
 ``gold_standard_job`` is ``habinit run`` (and what the Scipion protocol calls);
-``single_abinit_job`` is ``habinit abinit`` (one map from all particles).
+``single_abinit_job`` is ``habinit abinit`` (one map from all particles);
+``reconstruct_job`` is ``habinit reconstruct`` (half maps from known poses).
+File names, the JSON and FSC formats are :mod:`.outputs`'.
 """
 
 from __future__ import annotations
 
+import logging
 import platform
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .abinit import AbinitRun, AbinitSettings, refine_passes
+from . import __version__, plots
+from .abinit import AbinitRun, run_sgd
 from .backend import device_name, get_xp
-from .checkpoint import CheckpointError, read_json, write_json
+from .fsc import fsc, resolution_at
+from .gold_standard import GoldStandardJob, JobResult
+from .gpu_budget import set_gpu_memory_limit
+from .halves import assign_half_sets
 from .mrc import write_map
-from .outputs import clear_completion, write_outputs
-from .particles import load_particles, write_particles_star
-from .refine import GoldStandardJob, JobSettings
+from .outputs import (
+    CHECKPOINT,
+    FSC_JSON,
+    FSC_STAR,
+    FSC_STAR_COLUMNS,
+    HALF_MAP_A,
+    HALF_MAP_B,
+    HALF_MAPS,
+    MAP,
+    PARTICLES_STAR,
+    RUN_JSON,
+    UNUSED_PARTICLES_STAR,
+    clear_completion,
+    existing_outputs,
+    fsc_report,
+    fsc_star_rows,
+    map_at_iteration,
+    read_json,
+    write_json,
+)
+from .particles import ParticleSet, load_particles, write_particles_star
+from .passes import run_passes
+from .reconstruct import reconstruct_half_maps
+from .settings import AbinitSettings, DeviceSettings, JobSettings
+from .star import StarBlock, write_star
 
-QUICK_SCHEDULE = {
-    "n_initial_iterations": 40,
-    "n_final_iterations": 20,
-    "initial_batch": 60,
-    "final_batch": 150,
-    "n_final_passes": 2,
-}
+log = logging.getLogger("habinit")
+
+CPU = DeviceSettings()
 
 
-def clamp_max_resolution(settings: AbinitSettings, pixel_size: float, box: int, log) -> list[str]:
-    """Clamp a maximum resolution finer than Nyquist; returns the warnings given."""
+def open_device(device: DeviceSettings):
+    """(array module, GPU memory limit in bytes or None) for a run, with the pool capped."""
+    xp = get_xp(device.device)
+    return xp, set_gpu_memory_limit(xp, device.gpu_mem_GB)
+
+
+def clamp_max_resolution(settings: AbinitSettings, pixel_size: float) -> tuple[AbinitSettings, list[str]]:
+    """The settings with a maximum resolution finer than Nyquist removed, and the warnings given."""
     nyquist = 2.0 * pixel_size
-    if settings.max_resolution is not None and settings.max_resolution < nyquist:
+    if settings.max_resolution_A is not None and settings.max_resolution_A < nyquist:
         message = (
-            f"maximum resolution {settings.max_resolution:g} A is finer than Nyquist ({nyquist:g} A at "
+            f"maximum resolution {settings.max_resolution_A:g} A is finer than Nyquist ({nyquist:g} A at "
             f"{pixel_size:g} A/px): using Nyquist"
         )
-        log(f"warning: {message}")
-        settings.max_resolution = None
-        return [message]
-    return []
+        log.warning(f"warning: {message}")
+        return replace(settings, max_resolution_A=None), [message]
+    return settings, []
 
 
 def _versions() -> dict:
@@ -57,96 +86,152 @@ def _versions() -> dict:
     }
 
 
-def _open_inputs(particles_path: str, device: str, image_root, settings: AbinitSettings, log):
-    """The array module, the particles (validated) and the warnings about the settings."""
-    xp = get_xp(device)
-    particles = load_particles(particles_path, image_root=image_root)
-    return xp, particles, clamp_max_resolution(settings, particles.pixel_size, particles.box, log)
-
-
 def prepare_output(out: Path, overwrite: bool) -> None:
     """Create the output folder; with ``overwrite`` remove our files (checkpoint and outputs) first."""
     if overwrite and out.exists():
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
         clear_completion(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def write_fsc_files(out: Path, curve: np.ndarray, pixel_size: float) -> dict:
+    """fsc.json and fsc.star of an FSC curve; returns the report (resolutions in A)."""
+    resolutions = resolution_at(curve, 0.143, pixel_size), resolution_at(curve, 0.5, pixel_size)
+    report = fsc_report(curve, pixel_size, *resolutions)
+    write_json(out / FSC_JSON, report)
+    write_star(out / FSC_STAR, [StarBlock("fsc", FSC_STAR_COLUMNS, fsc_star_rows(report))])
+    return report
+
+
+# --------------------------------------------------------------------- habinit run
 
 
 def gold_standard_job(
     particles_path: str,
     out: str | Path,
     settings: JobSettings,
-    device: str = "cpu",
+    device: DeviceSettings = CPU,
     overwrite: bool = False,
     image_root: str | None = None,
-    log=print,
+    restart_changed: bool = False,
 ) -> dict:
-    """Run or resume ``habinit run``; returns run.json's content."""
+    """Run or resume ``habinit run``; returns run.json's content.
+
+    ``restart_changed`` starts over when ``out`` holds the checkpoint of another job (other
+    particles or parameters) instead of refusing it.
+    """
     t0 = time.time()
-    xp, particles, warnings = _open_inputs(particles_path, device, image_root, settings.abinit, log)
+    xp, limit = open_device(device)
+    particles = load_particles(particles_path, image_root=image_root)
+    abinit, warnings = clamp_max_resolution(settings.abinit, particles.pixel_size)
+    settings = replace(settings, abinit=abinit)
     out = Path(out)
-    job = GoldStandardJob(particles, settings, out, xp=xp, log=log)
+    job = GoldStandardJob(particles, settings, out, xp=xp, memory_limit_bytes=limit)
+    if restart_changed and job.checkpoint.exists() and not job.checkpoint.matches():
+        log.info(f"{out} holds the checkpoint of other particles or parameters: starting over")
+        overwrite = True
     prepare_output(out, overwrite)
     resumed = job.resume()
-    if not resumed and (out / "run.json").exists():
+    if not resumed and (out / RUN_JSON).exists():
         clear_completion(out)
-    if job.state.get("phase") == "done" and (out / "run.json").exists():
-        log(f"{out} already holds the finished result of this job")
-        return read_json(out / "run.json")
-    log(
+    if job.state.get("phase") == "done" and (out / RUN_JSON).exists():
+        log.info(f"{out} already holds the finished result of this job")
+        return read_json(out / RUN_JSON)
+    log.info(
         f"{len(particles)} particles ({len(job.used)} used, {len(job.unused)} unused), box {particles.box}, "
         f"{particles.pixel_size:g} A/px, {job.split_how}; device {device_name(xp)}"
     )
     result = job.run()
-    result.warnings.extend(warnings)
     info = {
         "command": "run",
         "particles": str(Path(particles_path).resolve()),
-        "parameters": settings.to_dict(),
-        "seed": settings.seed,
+        "parameters": asdict(settings),
+        "seed": settings.abinit.seed,
         "device": device_name(xp),
         "versions": _versions(),
         "split": job.split_how,
         "resumed": resumed,
         "wall_seconds_this_session": time.time() - t0,
+        "warnings": warnings,
     }
-    info = write_outputs(out, particles, result, info)
-    log(
+    info = write_run_outputs(out, particles, result, info)
+    log.info(
         f"gold-standard FSC 0.143 at {result.resolution_0143:.2f} A, 0.5 at {result.resolution_05:.2f} A; "
         f"{len(result.used)} particles used, {len(result.unused)} unused"
     )
-    log(f"outputs in {out}: half_map_A.mrc, half_map_B.mrc, particles.star, fsc.json, plots, run.json")
+    log.info(f"outputs in {out}: {', '.join(info['outputs'])}, {RUN_JSON}")
     return info
+
+
+def write_run_outputs(out: Path, particles: ParticleSet, result: JobResult, run_info: dict) -> dict:
+    """Write every output file of ``habinit run``, run.json last; returns run.json's content."""
+    clear_completion(out)
+    px = particles.pixel_size
+    for name, path in HALF_MAPS.items():
+        write_map(out / path, result.maps[name], px)
+    write_map(out / MAP, 0.5 * (result.maps["A"] + result.maps["B"]), px)
+    write_particles_star(
+        out / PARTICLES_STAR, particles, result.used, result.rotations, result.origins, result.half_set
+    )
+    unused_path = out / UNUSED_PARTICLES_STAR
+    if len(result.unused):
+        write_particles_star(unused_path, particles, result.unused)
+    else:
+        unused_path.unlink(missing_ok=True)
+    report = write_fsc_files(out, result.fsc, px)
+    history = {"history": result.history, "resolution_0143": result.resolution_0143}
+    plots.write_pngs(out, report, history, result.rotations, result.maps["A"], result.maps["B"])
+    info = dict(
+        run_info,
+        status="finished",
+        resolution_0143=result.resolution_0143,
+        resolution_05=result.resolution_05,
+        n_input=len(particles),
+        n_used=len(result.used),
+        n_unused=len(result.unused),
+        alignment_B_to_A=result.alignment.to_dict(),
+        history=result.history,
+        timings=result.timings,
+        outputs=existing_outputs(out),
+    )
+    write_json(out / RUN_JSON, info)
+    return info
+
+
+# ------------------------------------------------------------------ habinit abinit
 
 
 def single_abinit_job(
     particles_path: str,
     out: str | Path,
     settings: AbinitSettings,
-    device: str = "cpu",
+    device: DeviceSettings = CPU,
     save_every: int = 50,
     image_root: str | None = None,
-    log=print,
 ) -> dict:
     """``habinit abinit``: one map from every given particle (no half sets)."""
     t0 = time.time()
-    xp, particles, warnings = _open_inputs(particles_path, device, image_root, settings, log)
+    xp, limit = open_device(device)
+    particles = load_particles(particles_path, image_root=image_root)
+    settings, warnings = clamp_max_resolution(settings, particles.pixel_size)
     if len(particles) < 2:
         raise ValueError(f"{particles_path}: ab initio needs at least 2 particles, found {len(particles)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = AbinitRun(particles, settings, xp=xp, log=log)
-    log(f"{len(particles)} particles, box {particles.box}, {particles.pixel_size:g} A/px; device {device_name(xp)}")
+    clear_completion(out)
+    run = AbinitRun(particles, settings, xp=xp, memory_limit_bytes=limit)
+    log.info(f"{len(particles)} particles, box {particles.box}, {particles.pixel_size:g} A/px; {device_name(xp)}")
 
-    def save_map(r: AbinitRun, entry) -> None:
-        if save_every and (entry.iteration + 1) % save_every == 0:
-            write_map(out / f"map_iteration_{entry.iteration + 1:04d}.mrc", r.model_map(), particles.pixel_size)
+    def save_map(t: int) -> None:
+        if save_every and t % save_every == 0:
+            write_map(out / map_at_iteration(t), run.model_map(), particles.pixel_size)
 
-    run.run_sgd(report_every=1, on_iteration=save_map)
-    t_sgd = time.time() - t0
-    result = refine_passes(run, log=log)
-    write_map(out / "map.mrc", result.volume, particles.pixel_size)
-    write_particles_star(out / "particles.star", particles, None, run.rotations, run.origins)
+    state = {"pass": 0, "timings": {}}
+    run_sgd({"map": run}, save_map, state["timings"])
+    volumes: dict[str, np.ndarray] = {}
+    run_passes({"map": run}, volumes, state)
+    write_map(out / MAP, volumes["map"], particles.pixel_size)
+    write_particles_star(out / PARTICLES_STAR, particles, None, run.rotations, run.origins)
     info = {
         "command": "abinit",
         "status": "finished",
@@ -154,14 +239,47 @@ def single_abinit_job(
         "parameters": asdict(settings),
         "device": device_name(xp),
         "versions": _versions(),
-        "resolution_0143_within_set": result.resolution,
+        "resolution_0143_within_set": state["pass_resolution"]["map"],
         "iterations": [asdict(h) for h in run.history],
-        "timings": {"sgd": t_sgd, "passes": time.time() - t0 - t_sgd},
+        "timings": dict(state["timings"], total=time.time() - t0),
         "warnings": warnings,
     }
-    write_json(out / "run.json", info)
-    log(f"map: {out / 'map.mrc'}; particles with poses: {out / 'particles.star'}")
+    write_json(out / RUN_JSON, info)
+    log.info(f"map: {out / MAP}; particles with poses: {out / PARTICLES_STAR}")
     return info
 
 
-__all__ = ["gold_standard_job", "single_abinit_job", "CheckpointError", "QUICK_SCHEDULE"]
+# ------------------------------------------------------------- habinit reconstruct
+
+
+def reconstruct_job(
+    particles_path: str,
+    out: str | Path,
+    seed: int = 0,
+    keep_split: bool = True,
+    batch_size: int = 1000,
+    device: DeviceSettings = CPU,
+    image_root: str | None = None,
+) -> dict:
+    """``habinit reconstruct``: Wiener half maps from known poses, their FSC (fsc.json, as ``run``'s)."""
+    xp, limit = open_device(device)
+    particles = load_particles(particles_path, image_root=image_root)
+    half, how = assign_half_sets(particles, seed, keep_existing=keep_split)
+    log.info(
+        f"{len(particles)} particles, box {particles.box}, {particles.pixel_size:g} A/px, {how}; "
+        f"device {device_name(xp)}"
+    )
+    t0 = time.time()
+    map_a, map_b, _ = reconstruct_half_maps(particles, half, xp=xp, batch_size=batch_size, memory_limit_bytes=limit)
+    seconds = time.time() - t0
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_map(out / HALF_MAP_A, map_a, particles.pixel_size)
+    write_map(out / HALF_MAP_B, map_b, particles.pixel_size)
+    report = write_fsc_files(out, fsc(map_a, map_b), particles.pixel_size)
+    log.info(
+        f"reconstructed in {seconds:.1f} s ({len(particles) / seconds:.0f} particles/s): "
+        f"GS-FSC 0.143 at {report['resolution_0143']:.2f} A, 0.5 at {report['resolution_05']:.2f} A"
+    )
+    log.info(f"  half maps: {out / HALF_MAP_A}, {out / HALF_MAP_B}; FSC: {out / FSC_JSON}")
+    return dict(report, particles=len(particles), seconds=seconds, split=how)

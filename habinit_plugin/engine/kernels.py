@@ -1,7 +1,7 @@
 """CUDA kernels for trilinear slice extraction and insertion (CuPy only).
 
 :func:`project` and :func:`backproject` do what the array expressions of
-:mod:`.projector` do, one thread per sample: the 8 corners of its trilinear cell are
+:mod:`.trilinear` do, one thread per sample: the 8 corners of its trilinear cell are
 read (or atomically added to) in one pass, without the index and weight arrays that
 the expressions materialise. Same conventions: grid (G, G, G) complex64 or float32,
 C-contiguous; coords (P, 3) frequencies (kx, ky, kz) in Fourier pixels of the box;
@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 
 from .backend import array_module
+from .trilinear import backproject_expressions, project_expressions
 
 _SOURCE = r"""
 __device__ __forceinline__ void cell(const float* c, long long i, int size, float oversampling,
@@ -124,11 +125,6 @@ _THREADS = 256
 _state: dict = {"enabled": os.environ.get("HABINIT_KERNELS", "1") != "0", "checked": False, "module": None}
 
 
-def set_enabled(enabled: bool) -> None:
-    """Switch the kernels on or off (off: the array expressions run; for benchmarks)."""
-    _state["enabled"] = enabled
-
-
 def project(grid, coords, oversampling: int):
     """Trilinear samples (P,) of ``grid`` at ``coords`` (..., 3), or None (see module doc)."""
     if not _ready(grid) or grid.dtype not in ("complex64", "float32") or not grid.flags.c_contiguous:
@@ -181,8 +177,6 @@ def _ready(array) -> bool:
 
 def _self_check(xp) -> str | None:
     """Compare the kernels with the array expressions on a small random problem."""
-    from . import projector  # noqa: PLC0415 (the expressions call back into this module)
-
     rng = np.random.default_rng(0)
     size, oversampling = 24, 2
     shape = (size,) * 3
@@ -193,10 +187,10 @@ def _self_check(xp) -> str | None:
         g = grid if kind is np.complex64 else xp.ascontiguousarray(grid.real)
         v = values if kind is np.complex64 else xp.ascontiguousarray(values.real)
         fast = project(g, coords, oversampling)
-        slow = projector.project_expressions(g, coords, oversampling)
+        slow = project_expressions(g, coords, oversampling)
         a, b = xp.zeros_like(g), xp.zeros_like(g)
         backproject(v, coords, a, oversampling)
-        projector.backproject_expressions(v, coords, size, oversampling, out=b)
+        backproject_expressions(v, coords, size, oversampling, out=b)
         for what, x, y in (("project", fast, slow), ("backproject", a, b)):
             err = float(xp.linalg.norm(x - y) / xp.linalg.norm(y))
             if not err < 1e-5:

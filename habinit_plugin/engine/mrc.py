@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 
 import mrcfile
 import numpy as np
+
+from .outputs import atomic_write
 
 
 class MRCError(ValueError):
@@ -75,14 +76,11 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float]:
 
 def write_map(path: str | Path, volume: np.ndarray, voxel_size: float) -> None:
     """Write a 3D map (ispg = 1, origin 0) atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with mrcfile.new(str(tmp), overwrite=True) as mrc:
+    with atomic_write(path) as tmp, mrcfile.new(str(tmp), overwrite=True) as mrc:
         mrc.set_data(np.ascontiguousarray(volume, dtype=np.float32))
         mrc.set_volume()
         mrc.voxel_size = voxel_size
         mrc.update_header_stats()
-    os.replace(tmp, path)
 
 
 def new_stack(path: str | Path, n: int, box: int, pixel_size: float):
@@ -93,43 +91,17 @@ def new_stack(path: str | Path, n: int, box: int, pixel_size: float):
     return mrc
 
 
-class StackReader:
-    """Reads images from many MRC stacks through a small cache of memory maps."""
-
-    def __init__(self, max_open: int = 64):
-        self._open: OrderedDict[str, object] = OrderedDict()
-        self._max_open = max_open
-
-    def _data(self, path: str):
-        mrc = self._open.get(path)
-        if mrc is None:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    mrc = mrcfile.mmap(path, mode="r", permissive=True)
-            except Exception as exc:
-                raise MRCError(f"{path}: cannot open image stack ({exc})") from exc
-            self._open[path] = mrc
-            if len(self._open) > self._max_open:
-                _, old = self._open.popitem(last=False)
-                old.close()
-        else:
-            self._open.move_to_end(path)
-        data = mrc.data
-        return data if data.ndim == 3 else data[None]
-
-    def read(self, path: str, indices: np.ndarray) -> np.ndarray:
-        """Images ``indices`` (0-based) of one stack as float32 (n, ny, nx)."""
-        data = self._data(path)
+def read_stack_images(path: str, indices: np.ndarray) -> np.ndarray:
+    """Images ``indices`` (0-based) of one MRC stack as float32 (n, ny, nx), read memory-mapped."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mrc = mrcfile.mmap(path, mode="r", permissive=True)
+    except Exception as exc:
+        raise MRCError(f"{path}: cannot open image stack ({exc})") from exc
+    with mrc:
+        data = mrc.data if mrc.data.ndim == 3 else mrc.data[None]
         order = np.argsort(indices)
         out = np.empty((len(indices),) + data.shape[1:], dtype=np.float32)
         out[order] = data[np.asarray(indices)[order]]
-        return out
-
-    def close(self) -> None:
-        for mrc in self._open.values():
-            mrc.close()
-        self._open.clear()
-
-    def __del__(self):
-        self.close()
+    return out

@@ -1,45 +1,129 @@
-"""The files a finished job leaves in its output folder.
+"""The output folder of a job: its file names, the atomic write, JSON, the FSC schema.
 
-``run.json`` is written last, with status "finished": a folder whose run.json is
-missing or says otherwise holds no complete result, whatever other files it has.
-Each file is itself written atomically (temporary name, then rename).
+Standard library only: the Scipion process reads the names and the FSC here without
+loading the numerical engine. Every file of a job is written under a temporary name and
+renamed (:func:`atomic_write`), and ``run.json`` is written last with status "finished":
+a folder whose run.json is missing or says otherwise holds no complete result.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
-from . import plots
-from .checkpoint import write_json
-from .fsc import shell_frequencies
-from .mrc import write_map
-from .particles import ParticleSet, write_particles_star
-from .refine import JobResult
-from .star import StarBlock, write_star
-
-MAPS = ("half_map_A.mrc", "half_map_B.mrc", "map.mrc")
-FILES = (
-    *MAPS,
-    "particles.star",
-    "unused_particles.star",
-    "fsc.json",
-    "fsc.star",
-    "fsc.png",
-    "resolution_per_iteration.png",
-    "angular_distribution.png",
-    "half_map_slices.png",
+HALF_MAP_A = "half_map_A.mrc"
+HALF_MAP_B = "half_map_B.mrc"
+HALF_MAPS = {"A": HALF_MAP_A, "B": HALF_MAP_B}
+MAP = "map.mrc"  # the average of the half maps (habinit run), or the one map (habinit abinit)
+PARTICLES_STAR = "particles.star"
+UNUSED_PARTICLES_STAR = "unused_particles.star"
+FSC_JSON = "fsc.json"
+FSC_STAR = "fsc.star"
+RUN_JSON = "run.json"
+CHECKPOINT = "checkpoint"
+PLOTS = {
+    "fsc": "fsc.png",
+    "history": "resolution_per_iteration.png",
+    "angular": "angular_distribution.png",
+    "slices": "half_map_slices.png",
+}
+RUN_FILES = (
+    HALF_MAP_A,
+    HALF_MAP_B,
+    MAP,
+    PARTICLES_STAR,
+    UNUSED_PARTICLES_STAR,
+    FSC_JSON,
+    FSC_STAR,
+    *PLOTS.values(),
 )
 
 
-def fsc_report(curve: np.ndarray, pixel_size: float, resolution_0143: float, resolution_05: float) -> dict:
-    """fsc.json content: resolutions (A) and the curve per shell."""
+def map_at_iteration(iteration: int) -> str:
+    """The map ``habinit abinit --save-every`` writes after ``iteration`` SGD iterations."""
+    return f"map_iteration_{iteration:04d}.mrc"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is synced and renamed to ``path``.
+
+    The temporary name keeps the extension (``x.mrc`` -> ``x.tmp.mrc``) for writers that
+    look at it. On an error the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def json_safe(value):
+    """``value`` with arrays and NumPy scalars as lists and numbers, NaN and inf as None."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist"):  # NumPy / CuPy arrays and scalars
+        return json_safe(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write JSON atomically; NaN and inf become null (valid JSON)."""
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(json_safe(data), f, indent=1)
+
+
+class OutputError(ValueError):
+    """An output or checkpoint file that cannot be read."""
+
+
+def read_json(path: str | Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise OutputError(f"{path}: cannot read ({exc})") from exc
+
+
+def clear_completion(out: str | Path) -> None:
+    """Remove run.json before anything else is rewritten, so a kill cannot leave a stale 'finished'."""
+    (Path(out) / RUN_JSON).unlink(missing_ok=True)
+
+
+def existing_outputs(out: str | Path) -> list[str]:
+    """The job files (:data:`RUN_FILES`) present in ``out``."""
+    return [name for name in RUN_FILES if (Path(out) / name).exists()]
+
+
+# ------------------------------------------------------------------------ FSC schema
+
+
+def fsc_report(curve, pixel_size: float, resolution_0143: float, resolution_05: float) -> dict:
+    """fsc.json: resolutions (A) and the curve per shell (shell k at k / (box * pixel size) 1/A).
+
+    curve: FSC per shell, shells 0 .. box/2. The same schema for ``habinit run``,
+    ``abinit``, ``reconstruct`` and ``fsc --json``, so the viewer can plot any of them.
+    """
+    curve = [float(c) for c in curve]
     box = 2 * (len(curve) - 1)
-    freq = shell_frequencies(box, pixel_size)
     rows = [
-        {"shell": i, "resolution_A": (1.0 / f if f > 0 else None), "fsc": round(float(c), 6)}
-        for i, (f, c) in enumerate(zip(freq, curve))
+        {"shell": k, "resolution_A": (box * pixel_size / k if k > 0 else None), "fsc": round(c, 6)}
+        for k, c in enumerate(curve)
     ]
     return {
         "resolution_0143": resolution_0143,
@@ -50,55 +134,20 @@ def fsc_report(curve: np.ndarray, pixel_size: float, resolution_0143: float, res
     }
 
 
-def _fsc_block(report: dict) -> StarBlock:
+FSC_STAR_COLUMNS = ["rlnSpectralIndex", "rlnResolution", "rlnAngstromResolution", "rlnFourierShellCorrelation"]
+
+
+def fsc_star_rows(report: dict) -> list[list[str]]:
+    """Rows of the ``data_fsc`` block of fsc.star (RELION's columns, :data:`FSC_STAR_COLUMNS`)."""
     rows = []
     for r in report["curve"]:
         res = r["resolution_A"]
-        values = (0.0, 999.0) if res is None else (1.0 / res, res)
-        rows.append([str(r["shell"]), f"{values[0]:.6f}", f"{values[1]:.4f}", f"{r['fsc']:.6f}"])
-    columns = ["rlnSpectralIndex", "rlnResolution", "rlnAngstromResolution", "rlnFourierShellCorrelation"]
-    return StarBlock("fsc", columns, rows)
+        frequency, angstrom = (0.0, 999.0) if res is None else (1.0 / res, res)
+        rows.append([str(r["shell"]), f"{frequency:.6f}", f"{angstrom:.4f}", f"{r['fsc']:.6f}"])
+    return rows
 
 
-def clear_completion(out: Path) -> None:
-    """Remove run.json before anything else is rewritten, so a kill cannot leave a stale 'finished'."""
-    (out / "run.json").unlink(missing_ok=True)
-
-
-def write_outputs(out: Path, particles: ParticleSet, result: JobResult, run_info: dict) -> dict:
-    """Write every output file of a job, run.json last; returns run.json's content."""
-    clear_completion(out)
-    px = particles.pixel_size
-    map_a, map_b = result.maps["A"], result.maps["B"]
-    write_map(out / "half_map_A.mrc", map_a, px)
-    write_map(out / "half_map_B.mrc", map_b, px)
-    write_map(out / "map.mrc", 0.5 * (map_a + map_b), px)
-    write_particles_star(
-        out / "particles.star", particles, result.used, result.rotations, result.origins, result.half_set
-    )
-    unused_path = out / "unused_particles.star"
-    if len(result.unused):
-        write_particles_star(unused_path, particles, result.unused)
-    else:
-        unused_path.unlink(missing_ok=True)
-    report = fsc_report(result.fsc, px, result.resolution_0143, result.resolution_05)
-    write_json(out / "fsc.json", report)
-    write_star(out / "fsc.star", [_fsc_block(report)])
-    history = {"history": result.history, "resolution_0143": result.resolution_0143}
-    plots.write_pngs(out, report, history, result.rotations, map_a, map_b)
-    info = dict(
-        run_info,
-        status="finished",
-        resolution_0143=result.resolution_0143,
-        resolution_05=result.resolution_05,
-        n_input=len(particles),
-        n_used=len(result.used),
-        n_unused=len(result.unused),
-        alignment_B_to_A=result.alignment.to_dict(),
-        history=result.history,
-        timings=result.timings,
-        warnings=result.warnings,
-        outputs=[name for name in FILES if (out / name).exists()],
-    )
-    write_json(out / "run.json", info)
-    return info
+def fsc_curve(report: dict) -> tuple[list[float], list[float]]:
+    """(spatial frequency in 1/A, FSC) per shell of an fsc.json report."""
+    frequency = [0.0 if r["resolution_A"] is None else 1.0 / r["resolution_A"] for r in report["curve"]]
+    return frequency, [r["fsc"] for r in report["curve"]]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .ctf import CTFParams
-from .mrc import MRCError, StackReader, stack_shape
+from .mrc import MRCError, read_stack_images, stack_shape
 from .so3 import euler_to_matrix, matrix_to_euler, rotvec_to_matrix
 from .star import StarBlock, StarError, read_star, write_star
 
@@ -82,19 +82,18 @@ class ParticleSet:
         name = f"{self.slice_of[i] + 1}@{self.stacks[self.stack_of[i]]}"
         return f"particle {self.ids[i]} (row {i + 1} of {self.source}, image {name})"
 
-    def read_images(self, index, reader: StackReader | None = None) -> np.ndarray:
+    def read_images(self, index) -> np.ndarray:
         """Images of particles ``index`` as float32 (B, box, box), in that order.
 
         Raises ParticleError naming the particle when an image holds NaN or Inf.
         """
         index = np.asarray(index, dtype=np.int64)
-        reader = reader or StackReader()
         out = np.empty((len(index), self.box, self.box), dtype=np.float32)
         stack_ids = self.stack_of[index]
         for s in np.unique(stack_ids):
             where = np.flatnonzero(stack_ids == s)
             try:
-                out[where] = reader.read(self.stacks[s], self.slice_of[index[where]])
+                out[where] = read_stack_images(self.stacks[s], self.slice_of[index[where]])
             except MRCError as exc:
                 raise ParticleError(str(exc)) from exc
         finite = np.isfinite(out).all(axis=(1, 2))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .outputs import atomic_write
+
 
 def draw_fsc(figure, report: dict) -> None:
     """Gold-standard FSC against spatial frequency, with the 0.143 and 0.5 thresholds."""
@@ -106,9 +108,8 @@ def _save(draw, size: tuple[float, float], path: Path) -> None:
     figure = Figure(figsize=size)
     draw(figure)
     figure.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        figure.savefig(tmp, dpi=110)
 
 
 def write_pngs(out: Path, report: dict, run_info: dict, rotations: np.ndarray, map_a, map_b) -> None:

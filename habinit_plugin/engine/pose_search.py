@@ -29,31 +29,9 @@ import numpy as np
 
 from .backend import array_module, to_numpy
 from .fourier import phase_shift
-from .memory import gpu_memory_limit
+from .minibatch import ImageBatch
 from .projector import project, slice_coordinates
-from .so3 import grid_children, grid_rotations, grid_spacing, rotvec_to_matrix
-
-
-@dataclass
-class ImageBatch:
-    """What the search needs of a minibatch, on the compute device.
-
-    spectra: (B, M) half-plane spectra of the raw images (not centred);
-    ctf: (B, M); noise_weight: (M,) Hermitian weight / noise variance per frequency;
-    freqs: (M, 2) frequencies sorted by radius; radii: (M,) their radii (host).
-    box: image box in pixels.
-    """
-
-    spectra: object
-    ctf: object
-    noise_weight: object
-    freqs: object
-    radii: np.ndarray
-    box: int
-
-    def band(self, r_max: float, r_min: float = 0.0) -> tuple[int, int]:
-        """(start, stop) of the frequencies with r_min <= |k| <= r_max (they are sorted)."""
-        return int(np.searchsorted(self.radii, r_min, "left")), int(np.searchsorted(self.radii, r_max, "right"))
+from .so3 import grid_children, grid_rotations, rotvec_to_matrix
 
 
 @dataclass
@@ -63,12 +41,13 @@ class SearchSettings:
     coarse_level: int = 2
     final_level: int = 4
     beam: int = 8
-    max_shift: float = 6.0
-    coarse_shift_step: float = 2.0
+    max_shift_px: float = 6.0
+    coarse_shift_step_px: float = 2.0
     coarse_radius: float = 8.0
     final_radius: float = 12.0
     min_radius: float = 0.0
     chunk: int = 64
+    device_bytes: float = 128e6
     scale_invariant: bool = False
 
 
@@ -92,13 +71,13 @@ def _grid(level: int) -> np.ndarray:
     return grid_rotations(level)
 
 
-def shift_grid(max_shift: float, step: float) -> np.ndarray:
-    """Origins (S, 2) on a square grid of ``step`` pixels within a disc of ``max_shift``."""
-    n = int(np.floor(max_shift / step + 1e-9))
-    offsets = np.arange(-n, n + 1) * step
+def shift_grid(max_shift_px: float, step_px: float) -> np.ndarray:
+    """Origins (S, 2) on a square grid of ``step_px`` pixels within a disc of ``max_shift_px``."""
+    n = int(np.floor(max_shift_px / step_px + 1e-9))
+    offsets = np.arange(-n, n + 1) * step_px
     sx, sy = np.meshgrid(offsets, offsets, indexing="xy")
     grid = np.stack([sx.ravel(), sy.ravel()], axis=1)
-    return grid[np.hypot(grid[:, 0], grid[:, 1]) <= max_shift + 1e-9]
+    return grid[np.hypot(grid[:, 0], grid[:, 1]) <= max_shift_px + 1e-9]
 
 
 def _stack_real(z):
@@ -174,7 +153,7 @@ def _band_radius(settings: SearchSettings, level: int) -> float:
 
 
 def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSettings) -> SearchResult:
-    """Coarse-to-fine search over all rotations and shifts within ``max_shift``."""
+    """Coarse-to-fine search over all rotations and shifts within ``max_shift_px``."""
     xp = array_module(grid)
     n_images = batch.spectra.shape[0]
     beam = settings.beam
@@ -183,7 +162,7 @@ def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSe
     freqs = batch.freqs[band[0] : band[1]]
     rotations = _grid(settings.coarse_level)
     proj = _project_band(grid, oversampling, rotations, freqs)
-    shifts = shift_grid(settings.max_shift, settings.coarse_shift_step)
+    shifts = shift_grid(settings.max_shift_px, settings.coarse_shift_step_px)
     ramps = phase_shift(freqs, xp.asarray(shifts), batch.box)
     index = np.empty((n_images, beam), dtype=np.int64)
     origins = np.empty((n_images, beam, 2))
@@ -196,7 +175,7 @@ def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSe
         top, _ = _top_k(per_rotation, beam)
         index[rows] = to_numpy(top)
         origins[rows] = shifts[to_numpy(xp.take_along_axis(best_shift, top, axis=1))]
-    step = settings.coarse_shift_step
+    step = settings.coarse_shift_step_px
     energies = None
     for level in range(settings.coarse_level + 1, settings.final_level + 1):
         step /= 2.0
@@ -212,8 +191,8 @@ def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSe
             candidates,
             origins,
             deltas,
-            settings.chunk,
-            settings.max_shift,
+            _device_chunk(xp, settings.chunk, settings.device_bytes, candidates.shape[1:3], band),
+            settings.max_shift_px,
             settings.scale_invariant,
         )
         k_parent, r_child = np.divmod(best, 8 * len(deltas))
@@ -228,8 +207,8 @@ def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSe
 def _refine_candidates(
     grid, oversampling, batch, band, candidates, origins, deltas, chunk, max_shift, scale_invariant=False, keep=None
 ):
-    """Score candidates (B, K, R, 3, 3) with origins (B, K, 2) + deltas (D, 2); keep the best
-    ``keep`` (default K).
+    """Score candidates (B, K, R, 3, 3) with origins (B, K, 2) + deltas (D, 2), ``chunk`` images
+    at a time; keep the best ``keep`` (default K).
 
     Returns flat indices into (K, D, R) per image (B, keep), the new origins (B, keep, 2)
     and energies (B, keep) (host arrays).
@@ -243,7 +222,6 @@ def _refine_candidates(
     best = np.empty((n_images, beam), dtype=np.int64)
     new_origins = np.empty((n_images, beam, 2))
     energies = np.empty((n_images, beam))
-    chunk = _device_chunk(xp, chunk, n_parents * n_rot * (hi - lo))
     for start in range(0, n_images, chunk):
         rows = slice(start, min(start + chunk, n_images))
         b = rows.stop - rows.start
@@ -268,14 +246,13 @@ def _refine_candidates(
     return best, new_origins, energies
 
 
-def _device_chunk(xp, chunk: int, values_per_image: int) -> int:
+def _device_chunk(xp, chunk: int, device_bytes: float, candidates_per_image: tuple[int, int], band) -> int:
     """Images per chunk: ``chunk`` on the CPU; on a GPU enough (at least ``chunk``) for the
-    candidates' projections to take about 128 MB, or 1/16 of the ``--gpu-mem`` limit."""
+    candidates' projections (K x R per image over the band) to take about ``device_bytes``."""
     if xp is np:
         return chunk
-    limit = gpu_memory_limit(xp)
-    budget = min(128e6, limit / 16) if limit else 128e6
-    return max(chunk, int(budget // (8 * values_per_image)))
+    values_per_image = candidates_per_image[0] * candidates_per_image[1] * (band[1] - band[0])
+    return max(chunk, int(device_bytes // (8 * values_per_image)))
 
 
 @dataclass
@@ -284,15 +261,16 @@ class NeighbourhoodSettings:
     (step and radius in degrees), times origins on a square grid (step and radius in
     pixels); the best ``keep`` poses are kept. Band in Fourier pixels."""
 
-    angle_step: float = 2.0
-    angle_radius: float = 3.6
-    shift_step: float = 0.5
-    shift_radius: float = 0.75
+    angle_step_deg: float = 2.0
+    angle_radius_deg: float = 3.6
+    shift_step_px: float = 0.5
+    shift_radius_px: float = 0.75
     keep: int = 1
     radius: float = 12.0
     min_radius: float = 0.0
-    max_shift: float = 8.0
+    max_shift_px: float = 8.0
     chunk: int = 32
+    device_bytes: float = 128e6
 
 
 @lru_cache(maxsize=16)
@@ -318,19 +296,20 @@ def neighbourhood_search(
     the posterior over the kept poses. Returns the best ``settings.keep`` poses per
     image, best first.
     """
-    perturb = _neighbourhood(round(settings.angle_step, 6), round(settings.angle_radius, 6))
+    perturb = _neighbourhood(round(settings.angle_step_deg, 6), round(settings.angle_radius_deg, 6))
     candidates = np.einsum("pij,bjl->bpil", perturb, np.asarray(rotations, dtype=np.float64))[:, None]
-    deltas = shift_grid(settings.shift_radius, settings.shift_step)
+    deltas = shift_grid(settings.shift_radius_px, settings.shift_step_px)
+    band = batch.band(settings.radius, settings.min_radius)
     best, new_origins, energies = _refine_candidates(
         grid,
         oversampling,
         batch,
-        batch.band(settings.radius, settings.min_radius),
+        band,
         candidates,
         np.asarray(origins, dtype=np.float64)[:, None],
         deltas,
-        settings.chunk,
-        settings.max_shift,
+        _device_chunk(array_module(grid), settings.chunk, settings.device_bytes, candidates.shape[1:3], band),
+        settings.max_shift_px,
         keep=settings.keep,
     )
     r_idx = best % len(perturb)
@@ -344,14 +323,15 @@ class LocalSettings:
     levels (steps halve from one level to the next, shifts down to ``min_shift_step``),
     band (Fourier pixels)."""
 
-    angle_step: float = 4.0
-    shift_step: float = 1.0
+    angle_step_deg: float = 4.0
+    shift_step_px: float = 1.0
     n_levels: int = 4
-    min_shift_step: float = 0.25
+    min_shift_step_px: float = 0.25
     radius: float = 12.0
     min_radius: float = 0.0
-    max_shift: float = 8.0
+    max_shift_px: float = 8.0
     chunk: int = 32
+    device_bytes: float = 128e6
 
 
 def local_search(
@@ -363,25 +343,21 @@ def local_search(
     0 or +-step about x, y and z, combined) times a 3 x 3 shift grid, exhaustively: a
     greedy walk one axis at a time stalls on noisy energies at low SNR.
     """
-    angle, shift = settings.angle_step, settings.shift_step
+    angle, shift = settings.angle_step_deg, settings.shift_step_px
     result = None
     for _ in range(settings.n_levels):
         hood = NeighbourhoodSettings(
-            angle_step=angle,
-            angle_radius=1.8 * angle,  # the whole cube: corners at sqrt(3) steps
-            shift_step=shift,
-            shift_radius=1.5 * shift,
+            angle_step_deg=angle,
+            angle_radius_deg=1.8 * angle,  # the whole cube: corners at sqrt(3) steps
+            shift_step_px=shift,
+            shift_radius_px=1.5 * shift,
             radius=settings.radius,
             min_radius=settings.min_radius,
-            max_shift=settings.max_shift,
+            max_shift_px=settings.max_shift_px,
             chunk=settings.chunk,
+            device_bytes=settings.device_bytes,
         )
         result = neighbourhood_search(grid, oversampling, batch, rotations, origins, hood)
         rotations, origins = result.rotations[:, 0], result.origins[:, 0]
-        angle, shift = angle / 2.0, max(shift / 2.0, settings.min_shift_step)
+        angle, shift = angle / 2.0, max(shift / 2.0, settings.min_shift_step_px)
     return result
-
-
-def final_spacing(level: int) -> float:
-    """Angular spacing (degrees) of the finest global-search level."""
-    return grid_spacing(level)

@@ -14,8 +14,9 @@ the FFT and :func:`grid_to_volume` after the inverse FFT ("gridding correction")
 from __future__ import annotations
 
 from . import kernels
-from .backend import array_module, scatter_add
+from .backend import array_module
 from .fourier import centered_fftn, centered_ifftn
+from .trilinear import backproject_expressions, project_expressions
 
 
 def slice_coordinates(rotations, freqs):
@@ -36,7 +37,7 @@ def _sinc2_profile(box: int, grid_size: int, xp):
     return xp.sinc(x) ** 2
 
 
-def _gridding_profile(box: int, grid_size: int, xp):
+def gridding_profile(box: int, grid_size: int, xp):
     """The separable real-space factor of trilinear interpolation, (box, box, box)."""
     p = _sinc2_profile(box, grid_size, xp)
     return (p[:, None, None] * p[None, :, None] * p[None, None, :]).astype(xp.float32)
@@ -53,7 +54,7 @@ def volume_to_grid(volume, oversampling: int = 2):
     size = oversampling * n
     padded = xp.zeros((size,) * 3, dtype=xp.float32)
     lo = size // 2 - n // 2
-    corrected = volume / _gridding_profile(n, size, xp)
+    corrected = volume / gridding_profile(n, size, xp)
     padded[lo : lo + n, lo : lo + n, lo : lo + n] = corrected
     return centered_fftn(padded).astype(xp.complex64)
 
@@ -69,31 +70,8 @@ def grid_to_volume(grid, box: int, gridding_correction: bool = True):
     lo = size // 2 - box // 2
     volume = centered_ifftn(grid).real[lo : lo + box, lo : lo + box, lo : lo + box]
     if gridding_correction:
-        volume = volume / _gridding_profile(box, size, xp)
+        volume = volume / gridding_profile(box, size, xp)
     return volume.astype(xp.float32)
-
-
-def _trilinear(coords, grid_size: int, oversampling: int):
-    """Base flat index and fractional offsets of the trilinear cell of each point.
-
-    coords: (..., 3) frequencies (kx, ky, kz). Returns base (P,) int32 (int64 for huge
-    grids) and fx, fy, fz (P,) float32. Points are clamped into the grid.
-    """
-    xp = array_module(coords)
-    g = coords.reshape(-1, 3).astype(xp.float32) * xp.float32(oversampling) + xp.float32(grid_size // 2)
-    xp.clip(g, 0, grid_size - 1.001, out=g)
-    index_type = xp.int32 if grid_size**3 < 2**31 else xp.int64
-    i0 = g.astype(index_type)  # floor: g >= 0
-    frac = g - i0.astype(xp.float32)
-    base = (i0[:, 2] * grid_size + i0[:, 1]) * grid_size + i0[:, 0]
-    return base, frac[:, 0].copy(), frac[:, 1].copy(), frac[:, 2].copy()
-
-
-def _yz_corners(fy, fz, grid_size: int):
-    """Flat offset and weight of the 4 (y, z) corners of the cell (generator)."""
-    for dz, wz in ((0, 1 - fz), (1, fz)):
-        for dy, wy in ((0, 1 - fy), (1, fy)):
-            yield (dz * grid_size + dy) * grid_size, wz * wy
 
 
 def project(grid, coords, oversampling: int):
@@ -109,21 +87,6 @@ def project(grid, coords, oversampling: int):
     return project_expressions(grid, coords, oversampling)
 
 
-def project_expressions(grid, coords, oversampling: int):
-    """:func:`project` as array expressions (NumPy or CuPy)."""
-    xp = array_module(grid)
-    size = grid.shape[0]
-    flat = grid.reshape(-1)
-    base, fx, fy, fz = _trilinear(coords, size, oversampling)
-    gx = 1 - fx
-    out = xp.zeros(base.shape, dtype=grid.dtype)
-    for offset, weight in _yz_corners(fy, fz, size):
-        low = flat.take(base + offset)
-        high = flat.take(base + (offset + 1))
-        out += (low * gx + high * fx) * weight
-    return out.reshape(coords.shape[:-1])
-
-
 def backproject(values, coords, grid_size: int, oversampling: int, out=None):
     """Adjoint of :func:`project`: spread values onto the grid, summing (in place).
 
@@ -135,22 +98,6 @@ def backproject(values, coords, grid_size: int, oversampling: int, out=None):
     if kernels.backproject(values, coords, out, oversampling):
         return out
     return backproject_expressions(values, coords, grid_size, oversampling, out)
-
-
-def backproject_expressions(values, coords, grid_size: int, oversampling: int, out=None):
-    """:func:`backproject` as array expressions (NumPy or CuPy)."""
-    xp = array_module(values)
-    if out is None:
-        out = xp.zeros((grid_size,) * 3, dtype=values.dtype)
-    flat = out.reshape(-1)
-    base, fx, fy, fz = _trilinear(coords, grid_size, oversampling)
-    vals = values.reshape(-1)
-    gx = 1 - fx
-    for offset, weight in _yz_corners(fy, fz, grid_size):
-        weighted = vals * weight
-        scatter_add(flat, base + offset, weighted * gx)
-        scatter_add(flat, base + (offset + 1), weighted * fx)
-    return out
 
 
 def hermitian_symmetrize(grid):

@@ -8,11 +8,12 @@ half-map FSC, ``W * tau2 = FSC / (1 - FSC)`` on average over a shell (RELION).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import array_module, to_numpy
+from .backend import array_module, to_device, to_numpy
 from .ctf import evaluate_ctf
 from .fourier import (
     half_plane_frequencies,
@@ -23,8 +24,11 @@ from .fourier import (
     shell_mean,
 )
 from .fsc import fsc, ssnr_from_fsc
-from .memory import StagedSum, chunk_size_for_budget, gpu_memory_limit, particle_bytes, to_device
+from .gpu_budget import chunk_size_for_budget, particle_bytes
+from .oom import StagedSum
 from .projector import backproject, grid_to_volume, hermitian_symmetrize, slice_coordinates
+
+log = logging.getLogger("habinit")
 
 
 def particle_spectra(images, freqs, origins):
@@ -143,10 +147,13 @@ def gold_standard_maps(bp_a: Backprojection, bp_b: Backprojection):
     return maps[0], maps[1], curve
 
 
-def reconstruct_half_maps(particles, half_set, xp=np, batch_size: int = 1000, oversampling: int = 2, log=None):
+def reconstruct_half_maps(
+    particles, half_set, xp=np, batch_size: int = 1000, oversampling: int = 2, memory_limit_bytes: int | None = None
+):
     """Wiener half maps of a particle set from its poses.
 
-    particles: ParticleSet with rotations and shifts; half_set: (P,) values 1 or 2.
+    particles: ParticleSet with rotations and shifts; half_set: (P,) values 1 or 2;
+    memory_limit_bytes: the GPU memory budget the batch size is fitted to (None: no limit).
     Returns (map_a, map_b, fsc_curve), maps as host float32 (box, box, box).
     """
     if particles.rotations is None:
@@ -156,10 +163,11 @@ def reconstruct_half_maps(particles, half_set, xp=np, batch_size: int = 1000, ov
     freqs_dev = xp.asarray(freqs)
     halves = {1: Backprojection.zeros(box, oversampling, xp), 2: Backprojection.zeros(box, oversampling, xp)}
     grids = [a for bp in halves.values() for a in (bp.data, bp.weight)]
-    limit = gpu_memory_limit(xp)
-    if limit:  # the sums and their scratch copies (StagedSum) stay on the device
+    if memory_limit_bytes:  # the sums and their scratch copies (StagedSum) stay on the device
         fixed = 2 * sum(a.nbytes for a in grids)
-        batch_size = chunk_size_for_budget(particle_bytes(box), limit, fixed, max_size=batch_size, fraction=0.8)
+        batch_size = chunk_size_for_budget(
+            particle_bytes(box), memory_limit_bytes, fixed, max_size=batch_size, fraction=0.8
+        )
 
     def add(index, arrays):  # arrays: [data 1, weight 1, data 2, weight 2], the sums or their scratch
         images = to_device(particles.read_images(index), xp)
@@ -171,11 +179,10 @@ def reconstruct_half_maps(particles, half_set, xp=np, batch_size: int = 1000, ov
                 bp = Backprojection(arrays[2 * k], arrays[2 * k + 1], box, oversampling)
                 bp.insert(spectra[mine], ctf[mine], xp.asarray(particles.rotations[index])[mine], freqs_dev)
 
-    with StagedSum(grids, log=log) as sums:
+    with StagedSum(grids) as sums:
         for start in range(0, len(particles), batch_size):
             index = np.arange(start, min(start + batch_size, len(particles)))
             sums.run(add, index)
-            if log is not None:
-                log(f"backprojected {index[-1] + 1}/{len(particles)} particles")
+            log.info(f"backprojected {index[-1] + 1}/{len(particles)} particles")
     map_a, map_b, curve = gold_standard_maps(halves[1], halves[2])
     return to_numpy(map_a), to_numpy(map_b), curve

@@ -1,4 +1,4 @@
-"""Preconditioned SGD on a Fourier grid: update, schedules, noise model, constraints.
+"""Preconditioned SGD on a Fourier grid: gradient, update, schedule, noise model, constraints.
 
 The model is a centred Fourier grid V (size G = oversampling * n_work, frequency k at
 index G//2 + oversampling * k) whose slices, taken with trilinear interpolation, are
@@ -19,9 +19,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import array_module
-from .fourier import centered_fftn, centered_ifftn, radial_shells, shell_sum, soft_sphere
-from .projector import hermitian_symmetrize
+from .backend import array_module, to_numpy
+from .fourier import (
+    centered_fftn,
+    centered_ifftn,
+    hermitian_weights,
+    phase_shift,
+    radial_shells,
+    shell_sum,
+    soft_sphere,
+)
+from .minibatch import ImageBatch
+from .projector import backproject, hermitian_symmetrize, project, slice_coordinates
+from .reconstruct import shell_weight_means
+from .settings import AbinitSettings
 
 
 def sgd_update(grid, gradient, weight_ema, inv_tau2, learning_rate: float):
@@ -55,16 +66,16 @@ def band_mask(size: int, oversampling: int, radius: float, xp=np):
     return (radial_shells((size,) * 3, xp).astype(xp.float32) / oversampling) <= radius
 
 
-def apply_constraints(grid, oversampling: int, mask_radius: float, band_radius: float, positive: bool = True):
+def apply_constraints(grid, oversampling: int, mask_radius_px: float, band_radius: float, positive: bool = True):
     """Real-space constraints on a model grid: soft spherical window and non-negativity.
 
-    mask_radius: window radius in pixels of the working box (grid size / oversampling);
+    mask_radius_px: window radius in pixels of the working box (grid size / oversampling);
     the grid is band-limited to ``band_radius`` Fourier pixels afterwards.
     """
     xp = array_module(grid)
     size = grid.shape[0]
     volume = centered_ifftn(grid).real
-    volume = volume * soft_sphere(size, mask_radius, width=max(2.0, 0.1 * mask_radius), xp=xp)
+    volume = volume * soft_sphere(size, mask_radius_px, width=max(2.0, 0.1 * mask_radius_px), xp=xp)
     if positive:
         volume = xp.maximum(volume, 0.0)
     out = centered_fftn(volume.astype(xp.float32)).astype(xp.complex64)
@@ -135,8 +146,6 @@ def _shell_power(values, radii, n_shells):
     power = xp.mean(xp.abs(values) ** 2, axis=0).astype(xp.float64)
     sums = shell_sum(power, shells, n_shells)
     counts = shell_sum(xp.ones_like(power), shells, n_shells)
-    from .backend import to_numpy  # noqa: PLC0415
-
     sums, counts = to_numpy(sums), to_numpy(counts)
     return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
 
@@ -155,58 +164,96 @@ def _fill_empty(power: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------- schedule
 
 
-@dataclass
+@dataclass(frozen=True)
 class Schedule:
-    """cryoSPARC-style ab initio schedule (resolutions in Angstrom).
+    """cryoSPARC-style ab initio schedule of an :class:`~.settings.AbinitSettings`.
 
-    Iterations 0..n_initial-1 ramp the resolution from ``initial_resolution`` to
-    ``final_resolution`` (linear in frequency) with minibatches of ``initial_batch``;
-    the next n_final iterations stay at ``final_resolution`` with minibatches
-    growing to ``final_batch``. The learning rate is ``initial_learning_rate`` for
+    Iterations 0..n_initial-1 ramp the resolution from ``initial_resolution_A`` to
+    ``final_resolution_A`` (linear in frequency) with minibatches of ``initial_batch``;
+    the next ``n_final_iterations`` stay at ``final_resolution_A`` with minibatches
+    growing to ``final_batch``. The learning rate is ``learning_rate`` for
     ``learning_rate_iterations``, then decays to ``final_learning_rate``. The posterior
     temperature (noise annealing) falls from ``initial_temperature`` to 1 over the
     initial iterations.
     """
 
-    n_initial: int = 200
-    n_final: int = 300
-    initial_resolution: float = 35.0
-    final_resolution: float = 12.0
-    initial_batch: int = 90
-    final_batch: int = 300
-    initial_learning_rate: float = 0.4
-    learning_rate_iterations: int = 100
-    final_learning_rate: float = 0.1
-    initial_temperature: float = 4.0
+    settings: AbinitSettings
+    final_resolution_A: float
+
+    @property
+    def n_initial(self) -> int:
+        return self.settings.n_initial_iterations
 
     @property
     def n_iterations(self) -> int:
-        return self.n_initial + self.n_final
+        return self.settings.n_initial_iterations + self.settings.n_final_iterations
 
     def _initial_fraction(self, t: int) -> float:
         return min(t / max(self.n_initial - 1, 1), 1.0)
 
     def resolution(self, t: int) -> float:
-        f0, f1 = 1.0 / self.initial_resolution, 1.0 / self.final_resolution
+        f0, f1 = 1.0 / self.settings.initial_resolution_A, 1.0 / self.final_resolution_A
         return 1.0 / (f0 + (f1 - f0) * self._initial_fraction(t))
 
     def batch_size(self, t: int) -> int:
+        s = self.settings
         if t < self.n_initial:
-            return self.initial_batch
-        frac = min((t - self.n_initial) / max(self.n_final // 2, 1), 1.0)
-        return int(round(self.initial_batch + frac * (self.final_batch - self.initial_batch)))
+            return s.initial_batch
+        frac = min((t - self.n_initial) / max(s.n_final_iterations // 2, 1), 1.0)
+        return int(round(s.initial_batch + frac * (s.final_batch - s.initial_batch)))
 
     def learning_rate(self, t: int) -> float:
-        if t < self.learning_rate_iterations:
-            return self.initial_learning_rate
-        rest = max(self.n_iterations - self.learning_rate_iterations, 1)
-        frac = min((t - self.learning_rate_iterations) / rest, 1.0)
-        return float(self.initial_learning_rate * (self.final_learning_rate / self.initial_learning_rate) ** frac)
+        s = self.settings
+        if t < s.learning_rate_iterations:
+            return s.learning_rate
+        rest = max(self.n_iterations - s.learning_rate_iterations, 1)
+        frac = min((t - s.learning_rate_iterations) / rest, 1.0)
+        return float(s.learning_rate * (s.final_learning_rate / s.learning_rate) ** frac)
 
     def temperature(self, t: int) -> float:
-        return float(self.initial_temperature ** (1.0 - self._initial_fraction(t)))
+        return float(self.settings.initial_temperature ** (1.0 - self._initial_fraction(t)))
 
 
 def symmetric_sums(data, weight):
     """Hermitian completion of half-plane backprojection sums."""
     return hermitian_symmetrize(data), hermitian_symmetrize(weight)
+
+
+# ------------------------------------------------------------------------- gradient
+
+
+def minibatch_gradient(grid, oversampling: int, batch: ImageBatch, rotations, origins, weights):
+    """Backprojected weighted residuals and CTF^2 weights of a minibatch at its kept poses.
+
+    grid (G, G, G) the model; rotations (B, K, 3, 3), origins (B, K, 2) pixels, weights (B, K)
+    posterior weights (host). Returns the Hermitian gradient and weight grids (G, G, G) and
+    the residual spectra (B, M) at the best poses (k = 0).
+    """
+    xp = array_module(grid)
+    size = grid.shape[0]
+    inv_noise = batch.noise_weight / hermitian_weights(batch.freqs)
+    data = xp.zeros((size,) * 3, dtype=xp.complex64)
+    weight = xp.zeros((size,) * 3, dtype=xp.float32)
+    best_residual = None
+    for k in range(rotations.shape[1]):
+        coords = slice_coordinates(xp.asarray(rotations[:, k]), batch.freqs)
+        proj = project(grid, coords, oversampling)
+        centred = batch.spectra * phase_shift(batch.freqs, xp.asarray(origins[:, k]), batch.box)
+        residual = centred - batch.ctf * proj
+        w = xp.asarray(weights[:, k], dtype=xp.float32)[:, None]
+        backproject((w * batch.ctf * inv_noise * residual).astype(xp.complex64), coords, size, oversampling, out=data)
+        backproject((w * batch.ctf**2 * inv_noise).astype(xp.float32), coords, size, oversampling, out=weight)
+        if k == 0:
+            best_residual = residual
+    data, weight = symmetric_sums(data, weight)
+    return data, weight, best_residual
+
+
+def weak_prior_tau2(weight, oversampling: int):
+    """The SGD phase's weak prior per shell: 1/tau2 = 5% of the mean weight of the shell.
+
+    weight (G, G, G) backprojected weights; returns tau2 (G // (2 oversampling) + 1,).
+    """
+    n_shells = weight.shape[0] // (2 * oversampling) + 1
+    mean_w = shell_weight_means(weight, oversampling, n_shells)
+    return 1.0 / (0.05 * array_module(weight).maximum(mean_w, 1e-30))

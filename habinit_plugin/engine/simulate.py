@@ -8,7 +8,7 @@ Gaussian noise. SNR is the mean per-pixel variance of the noise-free images
 
 from __future__ import annotations
 
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +18,12 @@ from .backend import array_module, to_numpy
 from .ctf import CTFParams, evaluate_ctf
 from .fourier import image_irfft, phase_shift
 from .mrc import new_stack, write_map
+from .outputs import atomic_write
 from .projector import project, slice_coordinates, volume_to_grid
 from .so3 import matrix_to_euler, random_rotations
 from .star import StarBlock, write_star
+
+log = logging.getLogger("habinit")
 
 
 @dataclass
@@ -96,7 +99,7 @@ def clean_images(grid, poses: SimulatedPoses, index, pixel_size: float, box: int
 
 
 def simulate_dataset(
-    volume: np.ndarray, pixel_size: float, out_dir: str | Path, settings: SimulationSettings, xp=np, log=None
+    volume: np.ndarray, pixel_size: float, out_dir: str | Path, settings: SimulationSettings, xp=np
 ) -> dict[str, Path]:
     """Write a simulated particle set to ``out_dir``.
 
@@ -112,26 +115,24 @@ def simulate_dataset(
     rng = np.random.default_rng(settings.seed + 1)
     n = settings.n_particles
     stack_path = out / "particles.mrcs"
-    tmp = out / "particles.mrcs.tmp"
-    stack = new_stack(tmp, n, box, pixel_size)
     if not settings.snr > 0:
         raise ValueError(f"--snr must be positive (inf for noise-free images), got {settings.snr}")
     noise_sigma = scale = None
-    try:
-        for start in range(0, n, settings.batch_size):
-            index = np.arange(start, min(start + settings.batch_size, n))
-            images = to_numpy(clean_images(grid, poses, index, pixel_size, box, settings.oversampling))
-            if noise_sigma is None:  # calibrate on the first batch, then keep fixed
-                noise_sigma = float(np.sqrt(np.mean(np.var(images, axis=(1, 2))) / settings.snr))
-                scale = 1.0 / noise_sigma if noise_sigma > 0 else 1.0
-            noise = rng.normal(0.0, noise_sigma, size=images.shape) if noise_sigma > 0 else 0.0
-            stack.data[index] = ((images + noise) * scale).astype(np.float32)
-            if log is not None:
-                log(f"simulated {index[-1] + 1}/{n} particles")
-        stack.flush()
-    finally:
-        stack.close()
-    os.replace(tmp, stack_path)
+    with atomic_write(stack_path) as tmp:
+        stack = new_stack(tmp, n, box, pixel_size)
+        try:
+            for start in range(0, n, settings.batch_size):
+                index = np.arange(start, min(start + settings.batch_size, n))
+                images = to_numpy(clean_images(grid, poses, index, pixel_size, box, settings.oversampling))
+                if noise_sigma is None:  # calibrate on the first batch, then keep fixed
+                    noise_sigma = float(np.sqrt(np.mean(np.var(images, axis=(1, 2))) / settings.snr))
+                    scale = 1.0 / noise_sigma if noise_sigma > 0 else 1.0
+                noise = rng.normal(0.0, noise_sigma, size=images.shape) if noise_sigma > 0 else 0.0
+                stack.data[index] = ((images + noise) * scale).astype(np.float32)
+                log.info(f"simulated {index[-1] + 1}/{n} particles")
+            stack.flush()
+        finally:
+            stack.close()
     write_map(out / "gt_map.mrc", volume * scale, pixel_size)
     names = [f"{i + 1:06d}@particles.mrcs" for i in range(n)]
     optics = _optics_block(settings, pixel_size, box)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .outputs import atomic_write
+
 
 class StarError(ValueError):
     """A STAR file cannot be used; the message names the file, block, column or row."""
@@ -140,9 +142,7 @@ def read_star(path: str | Path) -> dict[str, StarBlock]:
 
 def write_star(path: str | Path, blocks: list[StarBlock]) -> None:
     """Write blocks as a RELION 3.1 STAR file (atomically: temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         for block in blocks:
             f.write(f"\n# version 30001\n\ndata_{block.name}\n\nloop_\n")
             for j, column in enumerate(block.columns):
@@ -152,7 +152,6 @@ def write_star(path: str | Path, blocks: list[StarBlock]) -> None:
             for row in rows:
                 f.write(" ".join(v.rjust(w) for v, w in zip(row, widths)) + "\n")
             f.write("\n")
-    os.replace(tmp, path)
 
 
 def _quoted_rows(rows: list[list[str]]) -> list[list[str]]:

@@ -1,53 +1,43 @@
 """The gold-standard job: two half maps from scratch, aligned, with their FSC.
 
-Each half set gets its own :class:`AbinitRun` with its own random start; the two
+Each half set gets its own :class:`~.abinit.AbinitRun` with its own random start; the two
 are advanced in turn on one device. What passes between them is only the rigid
 transform that puts half B onto half A (rotation, shift, hand) and, for reporting,
 the FSC between them: half A never reads anything of half B, so changing half B's
-images cannot change half map A (tests/test_refine.py proves it bit for bit).
+images cannot change half map A (tests/test_gold_standard.py proves it bit for bit).
 
 Phases: SGD ab initio of both halves (with an alignment and the gold-standard
 FSC every ``align_every`` iterations, to report the resolution per iteration);
 one global full pass per half; alignment of B onto A, applied to B's map and to
 every pose of B; local full passes per half; outputs. A checkpoint is written
-every ``checkpoint_seconds`` and at each phase boundary; rerunning resumes.
+every ``checkpoint_minutes`` and at each phase boundary; rerunning resumes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .abinit import AbinitRun, AbinitSettings, PassResult, full_pass, next_radius, pose_change_text
+from .abinit import AbinitRun, run_sgd
 from .align3d import Alignment, align_maps, apply_to_poses, transform_map
 from .backend import to_numpy
 from .checkpoint import Checkpoint
 from .fsc import fsc, resolution_at
 from .halves import assign_half_sets
+from .outputs import CHECKPOINT
 from .particles import ParticleError, ParticleSet
+from .passes import run_passes
+from .settings import MIN_PARTICLES_PER_HALF, AbinitSettings, JobSettings
+
+log = logging.getLogger("habinit")
 
 HALVES = ("A", "B")
-MIN_PARTICLES_PER_HALF = 2
-
-
-@dataclass
-class JobSettings:
-    """The job's parameters. ``n_particles`` 0 uses every particle."""
-
-    abinit: AbinitSettings = field(default_factory=AbinitSettings)
-    n_particles: int = 0
-    keep_split: bool = True
-    seed: int = 0
-    align_every: int = 40
-    checkpoint_seconds: float = 120.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -66,13 +56,14 @@ class JobResult:
     alignment: Alignment
     history: list[dict]
     timings: dict[str, float]
-    warnings: list[str]
 
 
 def job_key(particles: ParticleSet, settings: JobSettings) -> str:
-    """A fingerprint of the input particles (ids, images, CTF) and the parameters."""
+    """A fingerprint of the input particles (ids, images, CTF) and the parameters that shape the result
+    (all of them but the checkpoint interval)."""
     h = hashlib.sha256()
-    h.update(json.dumps(settings.to_dict(), sort_keys=True, default=str).encode())
+    parameters = asdict(replace(settings, checkpoint_minutes=0.0))
+    h.update(json.dumps(parameters, sort_keys=True, default=str).encode())
     h.update(np.ascontiguousarray(particles.ids).tobytes())
     h.update("|".join(particles.stacks).encode())
     h.update(np.ascontiguousarray(particles.slice_of).tobytes())
@@ -86,7 +77,7 @@ def choose_particles(particles: ParticleSet, settings: JobSettings) -> tuple[np.
     # like cryoSPARC's "number of particles to use": the first N in input order
     used = np.arange(min(n, settings.n_particles) if settings.n_particles > 0 else n)
     unused = np.setdiff1d(np.arange(n), used)
-    half, how = assign_half_sets(particles.subset(used), settings.seed, keep_existing=settings.keep_split)
+    half, how = assign_half_sets(particles.subset(used), settings.abinit.seed, keep_existing=settings.keep_split)
     for h in (1, 2):
         count = int(np.sum(half == h))
         if count < MIN_PARTICLES_PER_HALF:
@@ -98,27 +89,32 @@ def choose_particles(particles: ParticleSet, settings: JobSettings) -> tuple[np.
 
 
 class GoldStandardJob:
-    """Runs (or resumes) the job on ``particles`` with its state in ``out/checkpoint``."""
+    """Runs (or resumes) the job on ``particles`` with its state in ``out/checkpoint``.
 
-    def __init__(self, particles: ParticleSet, settings: JobSettings, out: str | Path, xp=np, log=None):
+    memory_limit_bytes: the GPU memory budget chunk sizes are chosen from (None: no limit).
+    """
+
+    def __init__(
+        self, particles: ParticleSet, settings: JobSettings, out: str | Path, xp=np, memory_limit_bytes=None
+    ):
         self.particles = particles
         self.settings = settings
         self.out = Path(out)
         self.xp = xp
-        self.log = log or (lambda message: None)
+        self.memory_limit_bytes = memory_limit_bytes
         self.used, self.unused, self.half_set, self.split_how = choose_particles(particles, settings)
-        self.checkpoint = Checkpoint(self.out / "checkpoint", job_key(particles, settings))
+        self.checkpoint = Checkpoint(self.out / CHECKPOINT, job_key(particles, settings))
         self.runs = {
             name: AbinitRun(
                 particles.subset(self.used[self.half_set == h]),
                 _half_settings(settings, h),
                 xp=xp,
+                memory_limit_bytes=memory_limit_bytes,
             )
             for h, name in ((1, "A"), (2, "B"))
         }
         self.state = {"phase": "sgd", "pass": 0, "history": [], "timings": {}, "alignment": Alignment().to_dict()}
         self.volumes: dict[str, np.ndarray] = {}  # the map of each half
-        self.passes: dict[str, PassResult] = {}
         self._last_save = time.time()
 
     # -------------------------------------------------------------- checkpoints
@@ -133,7 +129,7 @@ class GoldStandardJob:
         saved = arrays.get("volumes", {})
         self.volumes = {name: saved[name] for name in HALVES if name in saved}
         self.state = state
-        self.log(f"resumed from {self.checkpoint.folder} (phase {state['phase']}, iteration {self._iteration()})")
+        log.info(f"resumed from {self.checkpoint.folder} (phase {state['phase']}, iteration {self._iteration()})")
         return True
 
     def save(self) -> None:
@@ -146,7 +142,7 @@ class GoldStandardJob:
         self._last_save = time.time()
 
     def _maybe_save(self) -> None:
-        if time.time() - self._last_save >= self.settings.checkpoint_seconds:
+        if time.time() - self._last_save >= 60.0 * self.settings.checkpoint_minutes:
             self.save()
 
     def _iteration(self) -> int:
@@ -165,26 +161,14 @@ class GoldStandardJob:
         return self._result()
 
     def _sgd_phase(self) -> None:
-        run_a, run_b = self.runs["A"], self.runs["B"]
-        total = run_a.schedule.n_iterations
-        every = max(1, self.settings.align_every)
-        t_start, it_start = time.time(), self._iteration()
-        while self._iteration() < total:
-            t0 = time.time()
-            entries = [run.step() for run in (run_a, run_b)]
-            self._add_time("sgd", time.time() - t0)
-            t = self._iteration()
-            if t % every == 0 or t == total:
+        total = self.runs["A"].schedule.n_iterations
+
+        def after_iteration(t: int) -> None:
+            if t % self.settings.align_every == 0 or t == total:
                 self._monitor(t)
-            if t % 10 == 0 or t == total:
-                rate = (time.time() - t_start) / max(t - it_start, 1)
-                self.log(
-                    f"SGD iteration {t}/{total}: resolution {entries[0].resolution:.1f} A, minibatch "
-                    f"{entries[0].batch}, pose change A {pose_change_text(entries[0].pose_change)} "
-                    f"B {pose_change_text(entries[1].pose_change)} "
-                    f"deg, {rate:.2f} s/iteration, about {rate * (total - t) / 60:.1f} min left in the SGD phase"
-                )
             self._maybe_save()
+
+        run_sgd(self.runs, after_iteration, self.state["timings"])
         self.state["phase"] = "passes"
         self.save()
 
@@ -205,48 +189,24 @@ class GoldStandardJob:
         }
         self.state["history"].append(entry)
         self._add_time("alignment", time.time() - t0)
-        self.log(
+        log.info(
             f"  half maps at iteration {iteration}: GS-FSC 0.143 at {entry['resolution_0143']:.1f} A "
             f"(B {'mirrored' if alignment.mirrored else 'same hand'}, alignment {time.time() - t0:.1f} s)"
         )
 
     def _pass_phase(self, until: int | None = None) -> None:
         """Full passes from the saved one on; ``until`` stops after that many (for tests)."""
-        s = self.settings.abinit
-        n_passes = max(1, s.n_final_passes)
-        while self.state["pass"] < min(n_passes, until or n_passes):
-            n = self.state["pass"]
-            for name, run in self.runs.items():
-                self._one_pass(name, run, n)
+
+        def after_pass(n: int) -> None:
             if n == 0:
                 self._align_halves()
             self._record_pass(n)
-            self.state["pass"] = n + 1
             self.save()
-        if self.state["pass"] >= n_passes:
+
+        run_passes(self.runs, self.volumes, self.state, after_pass, until)
+        if self.state["pass"] >= self.settings.abinit.n_final_passes:
             self.state["phase"] = "done"
             self.save()
-
-    def _one_pass(self, name: str, run: AbinitRun, n: int) -> None:
-        t0 = time.time()
-        radius = self._pass_radius(name, run, n)
-        reference = self.volumes[name] if n > 0 else run.model_map()
-        result = full_pass(run, reference, radius, local=n > 0)
-        self.volumes[name] = result.volume
-        self.state.setdefault("pass_resolution", {})[name] = result.resolution
-        self._add_time(f"pass {n + 1}", time.time() - t0)
-        self.log(
-            f"pass {n + 1} half {name} ({'local' if n else 'global'} search at "
-            f"{run.box * run.pixel_size / radius:.1f} A): FSC within the half 0.143 at {result.resolution:.2f} A, "
-            f"{time.time() - t0:.1f} s"
-        )
-
-    def _pass_radius(self, name: str, run: AbinitRun, n: int) -> float:
-        """Search band of pass n: the SGD resolution, then the half's own resolution."""
-        radius = run.radius(run.sgd_resolution)
-        if n == 0:
-            return radius
-        return next_radius(run, radius, self.state["pass_resolution"][name])
 
     def _align_halves(self) -> None:
         """Put half B onto half A: its map and every one of its poses."""
@@ -258,14 +218,14 @@ class GoldStandardJob:
         run_b.rotations, run_b.origins = apply_to_poses(alignment, run_b.rotations, run_b.origins)
         self.state["alignment"] = alignment.to_dict()
         self._add_time("alignment", time.time() - t0)
-        self.log(
+        log.info(
             f"aligned half B onto half A: {'mirrored' if alignment.mirrored else 'same hand'}, "
             f"shift {np.round(alignment.shift, 2).tolist()} px, score {alignment.score:.3f}"
         )
 
     def _transform(self, volume: np.ndarray, alignment: Alignment) -> np.ndarray:
         """A host map moved by ``alignment`` on the job's device; returned on the host."""
-        return to_numpy(transform_map(self.xp.asarray(volume), alignment))
+        return to_numpy(transform_map(self.xp.asarray(volume), alignment, memory_limit_bytes=self.memory_limit_bytes))
 
     def _record_pass(self, n: int) -> None:
         curve = fsc(self.volumes["A"], self.volumes["B"])
@@ -277,7 +237,7 @@ class GoldStandardJob:
             "resolution_05": resolution_at(curve, 0.5, px),
         }
         self.state["history"].append(entry)
-        self.log(f"after pass {n + 1}: gold-standard FSC 0.143 at {entry['resolution_0143']:.2f} A")
+        log.info(f"after pass {n + 1}: gold-standard FSC 0.143 at {entry['resolution_0143']:.2f} A")
 
     # -------------------------------------------------------------------- result
 
@@ -304,11 +264,10 @@ class GoldStandardJob:
             alignment=Alignment.from_dict(self.state["alignment"]),
             history=self.state["history"],
             timings=dict(self.state["timings"]),
-            warnings=[],
         )
 
 
 def _half_settings(settings: JobSettings, half: int) -> AbinitSettings:
     """Each half starts from its own random volume and minibatch order."""
-    seed = int(np.random.SeedSequence([settings.seed, half]).generate_state(1)[0])
-    return AbinitSettings(**dict(asdict(settings.abinit), seed=seed))
+    seed = int(np.random.SeedSequence([settings.abinit.seed, half]).generate_state(1)[0])
+    return replace(settings.abinit, seed=seed)

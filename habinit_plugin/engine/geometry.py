@@ -1,0 +1,75 @@
+"""Geometry of one map: box, pixel size and the settings' lengths in pixels.
+
+Resolutions are in Angstrom; a "radius" is a Fourier radius in pixels of the box (a
+resolution of ``box * pixel_size / radius`` A); mask and shift lengths in real-space
+pixels carry ``_px``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .settings import AbinitSettings
+
+
+@dataclass(frozen=True)
+class MapGeometry:
+    box: int
+    pixel_size_A: float
+    settings: AbinitSettings
+
+    @property
+    def r_limit(self) -> int:
+        """The highest Fourier radius used: Nyquist - 1."""
+        return self.box // 2 - 1
+
+    @property
+    def nyquist_resolution_A(self) -> float:
+        """The resolution of :attr:`r_limit`."""
+        return 2.0 * self.pixel_size_A * (self.box / 2) / (self.box // 2 - 1)
+
+    @property
+    def sgd_resolution_A(self) -> float:
+        """Where the SGD phase stops: the settings' SGD resolution, or the maximum resolution if coarser."""
+        target = self.settings.sgd_resolution_A
+        if self.settings.max_resolution_A is not None:
+            target = max(target, self.settings.max_resolution_A)
+        return target
+
+    def radius(self, resolution_A: float) -> float:
+        """Fourier radius of a resolution, at most :attr:`r_limit`."""
+        return min(self.box * self.pixel_size_A / resolution_A, float(self.r_limit))
+
+    def resolution_A(self, radius: float) -> float:
+        return self.box * self.pixel_size_A / radius
+
+    @property
+    def max_radius(self) -> float:
+        """Fourier radius of the maximum resolution (Nyquist - 1 when there is none)."""
+        max_resolution = self.settings.max_resolution_A
+        return self.radius(max_resolution) if max_resolution else float(self.r_limit)
+
+    @property
+    def min_radius(self) -> float:
+        """Fourier radius below which the search ignores frequencies (0: none)."""
+        if self.settings.min_resolution_A is None:
+            return 0.0
+        return self.box * self.pixel_size_A / self.settings.min_resolution_A
+
+    def working_size(self, radius: float) -> int:
+        """Size of the oversampled Fourier grid that holds a band of ``radius``."""
+        n_work = min(self.box, 8 * math.ceil((2 * radius + 6) / 8))
+        return self.settings.oversampling * n_work
+
+    @property
+    def mask_radius_px(self) -> float:
+        if self.settings.mask_radius_A is not None:
+            return self.settings.mask_radius_A / self.pixel_size_A
+        return 0.45 * self.box
+
+    @property
+    def max_shift_px(self) -> float:
+        if self.settings.max_shift_A is not None:
+            return self.settings.max_shift_A / self.pixel_size_A
+        return max(2.0, 0.1 * self.box)

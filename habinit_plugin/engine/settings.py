@@ -1,0 +1,154 @@
+"""The jobs' parameters: one name, one default, one unit and one lower bound each.
+
+No NumPy and no engine imports: the Scipion process reads the form's defaults here.
+Names carry their units (``_A`` Angstrom, ``_GB`` 10^9 bytes, ``_minutes``); a
+resolution or radius of None means "chosen by the engine" (Nyquist, from the box).
+
+The command line is generated from these classes (:func:`option_name`, :func:`command_words`):
+the option is the name without its unit, with dashes (``initial_resolution_A`` is
+``--initial-resolution``); a switch that is on by default is turned off by ``--no-NAME``.
+The Scipion form maps its parameters onto the same names through one table
+(``protocols/protocol_homo_abinit.py``, ``FORM_TO_SETTINGS``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, Field, dataclass, field, fields
+
+UNITS = {"_A": "Angstrom", "_GB": "GB (10^9 bytes)", "_minutes": "minutes"}
+
+# Half sets smaller than this give no meaningful FSC; the protocol asks for twice as many particles.
+MIN_PARTICLES_PER_HALF = 10
+
+# ``--quick``: a short schedule for tests and demonstrations (replaces these values).
+QUICK_SCHEDULE = {
+    "n_initial_iterations": 40,
+    "n_final_iterations": 20,
+    "initial_batch": 60,
+    "final_batch": 150,
+    "n_final_passes": 2,
+}
+
+
+def parameter(default, help: str, *, minimum: float | None = None, cli: bool = True, choices: tuple = ()) -> Field:
+    """A settings field: ``help`` for the command line, ``minimum`` checked on construction,
+    ``cli`` False for internal parameters that have no option."""
+    return field(default=default, metadata={"help": help, "minimum": minimum, "cli": cli, "choices": choices})
+
+
+def _check_minimums(settings) -> None:
+    for f in fields(settings):
+        minimum, value = f.metadata.get("minimum"), getattr(settings, f.name)
+        if minimum is not None and value is not None and value < minimum:
+            raise ValueError(f"{option_name(f.name)} must be at least {minimum:g}, got {value:g}")
+
+
+@dataclass(frozen=True)
+class AbinitSettings:
+    """One ab initio map: SGD schedule (cryoSPARC's names), search, final passes."""
+
+    n_initial_iterations: int = parameter(120, "SGD iterations at the initial minibatch size", minimum=1)
+    n_final_iterations: int = parameter(60, "SGD iterations after them, minibatch growing to the final size")
+    initial_resolution_A: float = parameter(35.0, "resolution the SGD starts at")
+    max_resolution_A: float | None = parameter(None, "highest resolution searched (default Nyquist; finer is clamped)")
+    sgd_resolution_A: float = parameter(10.0, "resolution where SGD hands over to full passes")
+    initial_batch: int = parameter(90, "initial minibatch size (particles)", minimum=1)
+    final_batch: int = parameter(300, "final minibatch size (particles)", minimum=1)
+    learning_rate: float = parameter(0.4, "initial learning rate of the SGD")
+    learning_rate_iterations: int = parameter(100, "iterations at the initial learning rate", cli=False)
+    final_learning_rate: float = parameter(0.1, "learning rate at the last iteration", cli=False)
+    initial_temperature: float = parameter(4.0, "posterior temperature at the start (annealed to 1)", cli=False)
+    seed: int = parameter(0, "random seed (half-set split, starting maps, minibatches)")
+    mask_radius_A: float | None = parameter(None, "radius of the spherical window (default 0.45 box)")
+    max_shift_A: float | None = parameter(None, "largest particle shift searched (default 0.1 box)")
+    min_resolution_A: float | None = parameter(None, "ignore frequencies below this in the search (small particles)")
+    oversampling: int = parameter(2, "Fourier grid oversampling", cli=False)
+    beam: int = parameter(8, "poses kept per image and level of the global search", cli=False)
+    marginal_poses: int = parameter(4, "poses an SGD image is inserted at", cli=False)
+    marginal_poses_final: int = parameter(24, "poses a local-pass image is inserted at", cli=False)
+    centre_every: int = parameter(10, "SGD iterations between re-centrings", cli=False)
+    n_final_passes: int = parameter(2, "full passes over all particles after SGD", minimum=1)
+    marginalise: bool = parameter(
+        True, "insert each particle at its probable poses in local passes (off: best pose, faster)"
+    )
+    preconditioner: bool = parameter(True, "preconditioned SGD step (off: plain step, for comparison)")
+    scale_invariant_search: bool = parameter(True, "scale-invariant score in the SGD search", cli=False)
+
+    def __post_init__(self):
+        _check_minimums(self)
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """The gold-standard job (``habinit run``): one ab initio per half set, aligned."""
+
+    abinit: AbinitSettings = field(default_factory=AbinitSettings)
+    n_particles: int = parameter(0, "use the first N particles (0: all; the rest are unused)", minimum=0)
+    keep_split: bool = parameter(True, "keep an input rlnRandomSubset / cryoSPARC split")
+    align_every: int = parameter(40, "SGD iterations between half-map alignments", minimum=1)
+    checkpoint_minutes: float = parameter(2.0, "time between checkpoints")
+
+    def __post_init__(self):
+        _check_minimums(self)
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Where the job runs; no influence on the result."""
+
+    device: str = parameter("cpu", "compute device ('auto': a GPU when CuPy sees one)", choices=("cpu", "gpu", "auto"))
+    gpu_mem_GB: float | None = parameter(None, "GPU memory ceiling (GPU runs)", minimum=0)
+
+    def __post_init__(self):
+        _check_minimums(self)
+
+
+def _unit_suffix(name: str) -> str:
+    return next((suffix for suffix in UNITS if name.endswith(suffix)), "")
+
+
+def option_name(name: str) -> str:
+    """Command-line option of a settings field: ``initial_resolution_A`` -> ``--initial-resolution``."""
+    suffix = _unit_suffix(name)
+    return "--" + name[: len(name) - len(suffix)].replace("_", "-")
+
+
+def unit_of(name: str) -> str:
+    """The unit of a settings field in words ('' when it has none)."""
+    return UNITS.get(_unit_suffix(name), "")
+
+
+def cli_fields(cls) -> list[Field]:
+    """The fields of a settings class that have a command-line option."""
+    return [f for f in fields(cls) if f.metadata.get("cli", False)]
+
+
+def default_of(cls, name: str):
+    """The default value of field ``name`` of a settings class."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def command_words(cls, name: str, value) -> list[str]:
+    """The command-line words that set field ``name`` to ``value`` ([] for the default of a switch,
+    or for None)."""
+    if value is None:
+        return []
+    option = option_name(name)
+    if isinstance(default_of(cls, name), bool):
+        return [] if bool(value) == default_of(cls, name) else [option if value else option.replace("--", "--no-", 1)]
+    return [option, str(value)]
+
+
+__all__ = [
+    "AbinitSettings",
+    "DeviceSettings",
+    "JobSettings",
+    "MIN_PARTICLES_PER_HALF",
+    "QUICK_SCHEDULE",
+    "cli_fields",
+    "command_words",
+    "default_of",
+    "option_name",
+    "unit_of",
+]
