@@ -29,10 +29,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import dataset, known_pose_reference, machine, run_child  # noqa: E402
 
-from habinit_plugin.engine.abinit import AbinitRun, AbinitSettings, refine_passes  # noqa: E402
+from habinit_plugin.engine.abinit import AbinitRun, run_sgd  # noqa: E402
 from habinit_plugin.engine.mrc import read_map  # noqa: E402
 from habinit_plugin.engine.particles import load_particles  # noqa: E402
-from habinit_plugin.engine.validation import compare_to_truth  # noqa: E402
+from habinit_plugin.engine.passes import run_passes  # noqa: E402
+from habinit_plugin.engine.settings import AbinitSettings  # noqa: E402
+from habinit_plugin.engine.truth import compare_to_truth  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "abinit_cpu.md"
 
@@ -49,25 +51,28 @@ def one_run(
     particles = load_particles(folder / "particles.star")
     truth_poses = load_particles(folder / "gt_poses.star")
     truth, px = read_map(folder / "gt_map.mrc")
-    settings = AbinitSettings(seed=seed, preconditioner=preconditioner)
+    schedule = {}
     if n_iterations:
-        settings.n_initial_iterations, settings.n_final_iterations = n_iterations, 0
+        schedule.update(n_initial_iterations=n_iterations, n_final_iterations=0)
     if fixed:
-        settings.initial_resolution = settings.sgd_resolution = fixed
+        schedule.update(initial_resolution_A=fixed, sgd_resolution_A=fixed)
+    settings = AbinitSettings(seed=seed, preconditioner=preconditioner, **schedule)
     t0 = time.time()
     run = AbinitRun(particles, settings)
     track = []
 
-    def on_iteration(r: AbinitRun, entry) -> None:
-        if track_every and (entry.iteration + 1) % track_every == 0:
-            c = compare_to_truth(r.model_map(), truth, px)
-            track.append((entry.iteration + 1, round(c.resolution_05, 2), round(time.time() - t0, 1)))
+    def on_iteration(t: int) -> None:
+        if track_every and t % track_every == 0:
+            c = compare_to_truth(run.model_map(), truth, px)
+            track.append((t, round(c.resolution_05, 2), round(time.time() - t0, 1)))
 
-    run.run_sgd(on_iteration=on_iteration)
+    run_sgd({"map": run}, on_iteration)
     t_sgd = time.time() - t0
-    result = refine_passes(run, log=lambda m: None) if not n_iterations else None
+    volumes = {}
+    if not n_iterations:
+        run_passes({"map": run}, volumes, {"pass": 0})
     t_all = time.time() - t0
-    volume = result.volume if result is not None else run.model_map()
+    volume = volumes["map"] if volumes else run.model_map()
     c = compare_to_truth(volume, truth, px, run.rotations, run.origins, truth_poses.rotations, truth_poses.shifts)
     return {
         "dataset": name,
@@ -98,7 +103,7 @@ def profile_run(name: str) -> str:
         "global_search": "  global pose search (SGD + pass 1)",
         "local_search": "  local pose search (passes 2+)",
         "neighbourhood_search": "  neighbourhood scored for marginalisation (passes 2+)",
-        "_gradient": "  SGD gradient (project + backproject)",
+        "minibatch_gradient": "  SGD gradient (project + backproject)",
         "apply_constraints": "  real-space constraints (3D FFTs)",
         "full_pass": "full passes (all)",
         "insert": "  backprojection of the passes",

@@ -28,8 +28,8 @@ from common import OUT, dataset, known_pose_reference, machine, run_child  # noq
 from habinit_plugin.engine.jobs import gold_standard_job  # noqa: E402
 from habinit_plugin.engine.mrc import read_map  # noqa: E402
 from habinit_plugin.engine.particles import load_particles  # noqa: E402
-from habinit_plugin.engine.refine import JobSettings  # noqa: E402
-from habinit_plugin.engine.validation import compare_to_truth  # noqa: E402
+from habinit_plugin.engine.settings import AbinitSettings, JobSettings  # noqa: E402
+from habinit_plugin.engine.truth import compare_to_truth  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "gold_standard_cpu.md"
 
@@ -38,7 +38,8 @@ def one_run(name: str, seed: int) -> dict:
     folder = dataset(name)
     out = OUT / "gold_standard" / f"{name}_seed{seed}"
     t0 = time.time()
-    info = gold_standard_job(str(folder / "particles.star"), out, JobSettings(seed=seed), overwrite=True, log=print)
+    settings = JobSettings(abinit=AbinitSettings(seed=seed))
+    info = gold_standard_job(str(folder / "particles.star"), out, settings, overwrite=True)
     wall = time.time() - t0
     truth, px = read_map(folder / "gt_map.mrc")
     truth_poses = load_particles(folder / "gt_poses.star")

@@ -66,8 +66,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from habinit_plugin.engine import memory, so3  # noqa: E402
-from habinit_plugin.engine.backend import device_name, get_xp, to_numpy  # noqa: E402
+from habinit_plugin.engine import gpu_budget, oom, so3  # noqa: E402
+from habinit_plugin.engine.backend import device_name, get_xp, to_device, to_numpy  # noqa: E402
 
 SECTIONS = ("env", "rates", "data", "kernels", "parity", "memory", "e2e")
 
@@ -353,8 +353,8 @@ class Bench:
                 self.log(f"{name} failed:\n{text}")
             finally:
                 self.report.section_times[name] = time.time() - t0
-                memory.set_gpu_memory_limit(self.xp, 0)
-                memory.release_memory(self.xp)
+                gpu_budget.set_gpu_memory_limit(self.xp, 0)
+                oom.release_memory(self.xp)
                 self.report.write()
         for path in self.report.write(final=True):
             self.log(f"wrote {path}")
@@ -428,9 +428,9 @@ class Bench:
         if xp is not np:
             seconds, _ = timed(xp, lambda: xp.asarray(host), repeat=5)
             t.rows.append(["host to device, cupy.asarray", f"{host.nbytes / seconds / 1e9:.1f} GB/s", "pageable"])
-            seconds, _ = timed(xp, lambda: memory.to_device(host, xp), repeat=5)
+            seconds, _ = timed(xp, lambda: to_device(host, xp), repeat=5)
             t.rows.append(
-                ["host to device, memory.to_device", f"{host.nbytes / seconds / 1e9:.1f} GB/s", "pinned, reused"]
+                ["host to device, backend.to_device", f"{host.nbytes / seconds / 1e9:.1f} GB/s", "pinned, reused"]
             )
         self.report.values["rates"] = dict(self.rates)
 
@@ -469,7 +469,7 @@ class Bench:
     # --------------------------------------------------------------------- kernels
 
     def section_kernels(self) -> None:
-        from habinit_plugin.engine.abinit import AbinitRun, AbinitSettings  # noqa: PLC0415
+        from habinit_plugin.engine.abinit import AbinitRun  # noqa: PLC0415
         from habinit_plugin.engine.fourier import phase_shift  # noqa: PLC0415
         from habinit_plugin.engine.particles import load_particles  # noqa: PLC0415
         from habinit_plugin.engine.pose_search import (  # noqa: PLC0415
@@ -483,6 +483,8 @@ class Bench:
             shift_grid,
         )
         from habinit_plugin.engine.projector import backproject, project, slice_coordinates, volume_to_grid  # noqa: PLC0415
+        from habinit_plugin.engine.search_policy import global_settings  # noqa: PLC0415
+        from habinit_plugin.engine.settings import AbinitSettings  # noqa: PLC0415
 
         a, xp = self.args, self.xp
         if "sgemm" not in self.rates:
@@ -502,8 +504,8 @@ class Bench:
         n_img = 64 if a.small else 1000
         run = AbinitRun(particles.subset(np.arange(min(len(particles), 4 * n_img))), AbinitSettings(seed=0), xp=xp)
         reference = volume_to_grid(xp.asarray(truth_map, dtype=xp.float32), 2)
-        radius = run.radius(run.sgd_resolution)
-        settings = run.search_settings(radius)
+        radius = run.geometry.radius(run.geometry.sgd_resolution_A)
+        settings = global_settings(run.geometry, radius, run.device_bytes)
         index = np.arange(n_img)
         batch = run.image_batch(index, radius)
         seconds, result = timed(xp, lambda: global_search(reference, 2, batch, settings), repeat=1, warmup=1)
@@ -513,7 +515,7 @@ class Bench:
             [
                 "global pose search (whole)",
                 f"{n_img} images, Hopf levels {settings.coarse_level}-{settings.final_level}, radius {radius:.1f} px, "
-                f"{len(shift_grid(settings.max_shift, settings.coarse_shift_step))} coarse shifts",
+                f"{len(shift_grid(settings.max_shift_px, settings.coarse_shift_step_px))} coarse shifts",
                 f"{seconds * 1e3:.0f} ms ({n_img / seconds:,.0f} images/s)",
                 f"{total / seconds / 1e12:.3f} TFLOP/s",
                 f"SGEMM {sgemm / 1e12:.2f} TFLOP/s",
@@ -534,7 +536,7 @@ class Bench:
         freqs = batch.freqs[lo:hi]
         rotations = _grid(settings.coarse_level)
         proj = _project_band(reference, 2, rotations, freqs)
-        shifts = shift_grid(settings.max_shift, settings.coarse_shift_step)
+        shifts = shift_grid(settings.max_shift_px, settings.coarse_shift_step_px)
         ramps = phase_shift(freqs, xp.asarray(shifts), batch.box)
         chunk = min(n_img, max(1, int(2e7 // (len(shifts) * len(rotations)))))
         rows = slice(0, chunk)
@@ -572,14 +574,14 @@ class Bench:
         lhs = rhs = proj = ramps = None
 
         # local search at Nyquist, as the later full passes call it
-        local_radius = float(run.r_limit)
+        local_radius = float(run.geometry.r_limit)
         lbatch = run.image_batch(index, local_radius)
         local = LocalSettings(
-            angle_step=2 * so3.grid_spacing(settings.final_level),
-            shift_step=1.0,
+            angle_step_deg=2 * so3.grid_spacing(settings.final_level),
+            shift_step_px=1.0,
             n_levels=4,
             radius=local_radius,
-            max_shift=run.max_shift_px,
+            max_shift_px=run.geometry.max_shift_px,
         )
         start_r, start_o = particles.rotations[index], particles.shifts[index]
         seconds, _ = timed(xp, lambda: local_search(reference, 2, lbatch, start_r, start_o, local), repeat=1, warmup=1)
@@ -664,7 +666,7 @@ class Bench:
     def _expression_rows(self, t: Table, values: dict, reference, coords, values_c, samples: int, copy_bw) -> None:
         """Time projection and backprojection through the array expressions, for comparison with the kernels."""
         from habinit_plugin.engine import kernels  # noqa: PLC0415
-        from habinit_plugin.engine.projector import backproject_expressions, project_expressions  # noqa: PLC0415
+        from habinit_plugin.engine.trilinear import backproject_expressions, project_expressions  # noqa: PLC0415
 
         xp, size = self.xp, reference.shape[0]
         values["kernels_on"] = bool(kernels._state["enabled"]) and xp is not np
@@ -693,8 +695,9 @@ class Bench:
             sample_spectra,
         )
         from habinit_plugin.engine.fsc import fsc  # noqa: PLC0415
+        from habinit_plugin.engine.minibatch import ImageBatch  # noqa: PLC0415
         from habinit_plugin.engine.particles import load_particles  # noqa: PLC0415
-        from habinit_plugin.engine.pose_search import ImageBatch, SearchSettings, global_search  # noqa: PLC0415
+        from habinit_plugin.engine.pose_search import SearchSettings, global_search  # noqa: PLC0415
         from habinit_plugin.engine.projector import backproject, project, slice_coordinates, volume_to_grid  # noqa: PLC0415
         from habinit_plugin.engine.reconstruct import reconstruct_half_maps  # noqa: PLC0415
         from habinit_plugin.engine.simulate import (  # noqa: PLC0415
@@ -786,8 +789,8 @@ class Bench:
             coarse_level=2,
             final_level=level,
             beam=8,
-            max_shift=6.0,
-            coarse_shift_step=1.5,
+            max_shift_px=6.0,
+            coarse_shift_step_px=1.5,
             coarse_radius=10.0,
             final_radius=float(radius),
         )
@@ -824,7 +827,7 @@ class Bench:
         from habinit_plugin.engine.reconstruct import reconstruct_half_maps  # noqa: PLC0415
 
         xp = self.xp
-        gb = memory.GB
+        gb = gpu_budget.GB
         t = self.report.table("memory", "Memory budget", ["check", "value", "limit / expected", "verdict"])
         values = {}
         on_gpu = xp is not np
@@ -839,16 +842,16 @@ class Bench:
             block = xp.ones((len(part), 250_000), dtype=xp.float32)  # 1 MB per item
             return float((block[:, 0] * xp.asarray(part, dtype=xp.float32) * 2.0).sum())
 
-        memory.set_gpu_memory_limit(xp, 0.1)
-        memory.STATS.reset()
-        with memory.MemoryPeak(xp) as peak:
-            pieces = memory.run_split_on_oom(func, index)
+        gpu_budget.set_gpu_memory_limit(xp, 0.1)
+        oom.STATS.reset()
+        with gpu_budget.MemoryPeak(xp) as peak:
+            pieces = oom.OOMSplitter(xp=xp).run(func, index)
         total = sum(r for _, r in pieces)
-        ok = abs(total - expected) <= 1e-6 * expected and memory.STATS.ooms > 0
+        ok = abs(total - expected) <= 1e-6 * expected and oom.STATS.ooms > 0
         t.rows.append(
             [
                 "forced out-of-memory, split and recovered",
-                f"{memory.STATS.ooms} errors caught, {len(pieces)} pieces, same sum: {abs(total - expected) < 1e-3}",
+                f"{oom.STATS.ooms} errors caught, {len(pieces)} pieces, same sum: {abs(total - expected) < 1e-3}",
                 "400 items x 1 MB under 0.1 GB",
                 verdict(ok),
             ]
@@ -862,9 +865,9 @@ class Bench:
                     verdict(peak.peak_bytes <= 0.1 * gb),
                 ]
             )
-        values["forced_oom"] = {"ooms": memory.STATS.ooms, "pieces": len(pieces), "ok": ok, "peak": peak.peak_bytes}
-        memory.set_gpu_memory_limit(xp, 0)
-        memory.release_memory(xp)
+        values["forced_oom"] = {"ooms": oom.STATS.ooms, "pieces": len(pieces), "ok": ok, "peak": peak.peak_bytes}
+        gpu_budget.set_gpu_memory_limit(xp, 0)
+        oom.release_memory(xp)
 
         if not on_gpu:
             t.rows.append(["reconstruction under a pool limit", "n/a on the CPU", "", "n/a"])
@@ -872,7 +875,7 @@ class Bench:
             return
 
         # 2. cached blocks are freed before the pool limit fails an allocation
-        memory.set_gpu_memory_limit(xp, 0.1)
+        gpu_budget.set_gpu_memory_limit(xp, 0.1)
         try:
             block = xp.empty(50_000_000, dtype=xp.uint8)
             del block
@@ -884,8 +887,8 @@ class Bench:
         t.rows.append(
             ["cached 50 MB + new 60 MB under 0.1 GB", "allocated" if ok else "OutOfMemoryError", "", verdict(ok)]
         )
-        memory.set_gpu_memory_limit(xp, 0)
-        memory.release_memory(xp)
+        gpu_budget.set_gpu_memory_limit(xp, 0)
+        oom.release_memory(xp)
 
         # 3. reconstruct_half_maps under 0.2 GB on a stack > 3x that, batches of 8000 asked for
         limit_gb, box, n = 0.2, 64, 40_000
@@ -893,20 +896,22 @@ class Bench:
         if not (folder / "gt_poses.star").is_file():
             volume, _ = protein_map(box, 1.8)
             simulate_on_device(volume, 1.8, folder, n, 1.0, 6, xp, 4000, None)
-        memory.release_memory(xp)
+        oom.release_memory(xp)
         particles = load_particles(folder / "gt_poses.star")
         half = np.arange(n) % 2 + 1
         t0 = time.time()
         a_ref, b_ref, _ = reconstruct_half_maps(particles, half, xp=xp, batch_size=1000)
         unlimited = time.time() - t0
-        memory.release_memory(xp)
-        memory.set_gpu_memory_limit(xp, limit_gb)
-        memory.STATS.reset()
+        oom.release_memory(xp)
+        limit = gpu_budget.set_gpu_memory_limit(xp, limit_gb)
+        oom.STATS.reset()
         error = None
         t0 = time.time()
-        with memory.MemoryPeak(xp) as peak:
+        with gpu_budget.MemoryPeak(xp) as peak:
             try:
-                a_lim, b_lim, _ = reconstruct_half_maps(particles, half, xp=xp, batch_size=8000)
+                a_lim, b_lim, _ = reconstruct_half_maps(
+                    particles, half, xp=xp, batch_size=8000, memory_limit_bytes=limit
+                )
             except Exception as exc:  # e.g. OutOfMemoryError while the engine does not split yet
                 error = f"{type(exc).__name__}: {str(exc)[:300]}"
         limited = time.time() - t0
@@ -929,7 +934,7 @@ class Bench:
                 [
                     "  time limited / unlimited",
                     f"{limited:.1f} s / {unlimited:.1f} s",
-                    f"{memory.STATS.ooms} out-of-memory errors caught",
+                    f"{oom.STATS.ooms} out-of-memory errors caught",
                     "",
                 ]
             )
@@ -939,13 +944,13 @@ class Bench:
             "peak": peak.peak_bytes,
             "limit": limit_gb * gb,
             "error": error,
-            "ooms": memory.STATS.ooms,
+            "ooms": oom.STATS.ooms,
             "seconds_limited": limited,
             "seconds_unlimited": unlimited,
         }
         t.notes.append(
             "Pool peak: the most bytes CuPy's default memory pool held from the device (arrays, cached blocks, FFT "
-            "work areas), seen at every allocation by the engine's allocator (memory.MemoryPeak). The CUDA context "
+            "work areas), seen at every allocation by the engine's allocator (gpu_budget.MemoryPeak). The CUDA context "
             "and library handles are outside the pool."
         )
         self.report.values["memory"] = values
@@ -977,7 +982,7 @@ class Bench:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(":"))
         command = [sys.executable, str(Path(__file__).resolve()), "--e2e-child", str(result_json), a.device, *argv]
         self.log(f"habinit {' '.join(argv)} (timeout {timeout:.0f} s)")
-        memory.release_memory(xp)
+        oom.release_memory(xp)
         baseline = device_used(xp)
         t0 = time.time()
         timed_out = False
@@ -1048,7 +1053,7 @@ class Bench:
         from habinit_plugin.engine.mrc import read_map  # noqa: PLC0415
         from habinit_plugin.engine.particles import load_particles  # noqa: PLC0415
         from habinit_plugin.engine.reconstruct import reconstruct_half_maps  # noqa: PLC0415
-        from habinit_plugin.engine.validation import compare_to_truth  # noqa: PLC0415
+        from habinit_plugin.engine.truth import compare_to_truth  # noqa: PLC0415
 
         xp = self.xp
         t0 = time.time()
@@ -1149,7 +1154,7 @@ def global_search_flops(batch, settings, n_images: int) -> tuple[float, float]:
     lo, hi = batch.band(_band_radius(settings, settings.coarse_level), settings.min_radius)
     m = hi - lo
     n_rot = len(_grid(settings.coarse_level))
-    n_shift = len(shift_grid(settings.max_shift, settings.coarse_shift_step))
+    n_shift = len(shift_grid(settings.max_shift_px, settings.coarse_shift_step_px))
     coarse = 2.0 * n_images * n_rot * m * (2 * n_shift + 1)
     refine = 0.0
     step = settings.coarse_shift_step
@@ -1187,7 +1192,7 @@ def e2e_child(argv: list[str]) -> int:
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()
     t0 = time.time()
-    with memory.MemoryPeak(xp) as peak:
+    with gpu_budget.MemoryPeak(xp) as peak:
         rc = cli.main(cli_args)
     wall = time.time() - t0
     stop.set()
@@ -1197,9 +1202,9 @@ def e2e_child(argv: list[str]) -> int:
         "rc": rc,
         "wall_s": wall,
         "pool_peak_bytes": peak.peak_bytes if xp is not np else None,
-        "limit_bytes": memory.gpu_memory_limit(xp),
+        "limit_bytes": gpu_budget.gpu_memory_limit(xp),
         "device_used_peak_bytes": sampled["max"] if xp is not np else None,
-        "oom_errors_caught": memory.STATS.ooms,
+        "oom_errors_caught": oom.STATS.ooms,
     }
     result_path.write_text(json.dumps(result))
     return int(rc)

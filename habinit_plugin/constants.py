@@ -1,4 +1,7 @@
-"""Names shared by the Scipion side of the plugin (no Scipion imports here)."""
+"""Names shared by the Scipion side of the plugin (no Scipion imports here).
+
+The engine's output file names are habinit_plugin/engine/outputs.py's; its parameters are engine/settings.py's.
+"""
 
 # Plugin variables (read from the environment or the Scipion config file)
 HABINIT_PYTHON = "HABINIT_PYTHON"  # interpreter that runs the engine (default: the one running Scipion)
@@ -7,23 +10,4 @@ HABINIT_CUPY_ENV = "habinit-cupy"  # name of the optional CuPy environment that 
 
 ENGINE_MODULE = "habinit_plugin.engine"
 
-# Engine output files (in the protocol's extra/ folder, see engine/outputs.py)
-ENGINE_DIR = "habinit"
-INPUT_STAR = "input_particles.star"
-HALF_MAP_A = "half_map_A.mrc"
-HALF_MAP_B = "half_map_B.mrc"
-AVERAGE_MAP = "map.mrc"
-PARTICLES_STAR = "particles.star"
-UNUSED_STAR = "unused_particles.star"
-FSC_JSON = "fsc.json"
-FSC_STAR = "fsc.star"
-RUN_JSON = "run.json"
-PLOTS = {
-    "fsc": "fsc.png",
-    "history": "resolution_per_iteration.png",
-    "angular": "angular_distribution.png",
-    "slices": "half_map_slices.png",
-}
-
-# Fewer particles per half than this cannot give a meaningful map
-MIN_PARTICLES = 20
+INPUT_STAR = "input_particles.star"  # the input set as the engine reads it (in the protocol's extra/)

@@ -7,12 +7,11 @@ which also writes them as PNG for batch users; this module reads them from the f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from . import constants as cts
+from .engine import outputs
 from .engine.plots import draw_angular_distribution, draw_fsc, draw_half_map_slices, draw_history
 
 
@@ -20,15 +19,14 @@ def load_json(folder: str | Path, name: str) -> dict:
     path = Path(folder) / name
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: has the run finished?")
-    with open(path) as f:
-        return json.load(f)
+    return outputs.read_json(path)
 
 
 def read_angles(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """rlnAngleRot and rlnAngleTilt of the engine's particles.star."""
     from .engine.star import read_star
 
-    blocks = read_star(Path(folder) / cts.PARTICLES_STAR)
+    blocks = read_star(Path(folder) / outputs.PARTICLES_STAR)
     block = blocks.get("particles") or next(b for b in blocks.values() if b.has("rlnAngleRot"))
     return block.floats("rlnAngleRot"), block.floats("rlnAngleTilt")
 
@@ -36,13 +34,13 @@ def read_angles(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def read_half_maps(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     from .engine.mrc import read_map
 
-    return read_map(Path(folder) / cts.HALF_MAP_A)[0], read_map(Path(folder) / cts.HALF_MAP_B)[0]
+    return read_map(Path(folder) / outputs.HALF_MAP_A)[0], read_map(Path(folder) / outputs.HALF_MAP_B)[0]
 
 
 FIGURES = {
     # name: (figure size, function(figure, folder))
-    "fsc": ((6.5, 4.5), lambda fig, d: draw_fsc(fig, load_json(d, cts.FSC_JSON))),
-    "history": ((6.5, 4.5), lambda fig, d: draw_history(fig, load_json(d, cts.RUN_JSON))),
+    "fsc": ((6.5, 4.5), lambda fig, d: draw_fsc(fig, load_json(d, outputs.FSC_JSON))),
+    "history": ((6.5, 4.5), lambda fig, d: draw_history(fig, load_json(d, outputs.RUN_JSON))),
     "angular": ((7.5, 4.0), lambda fig, d: draw_angular_distribution(fig, *read_angles(d))),
     "slices": ((9.0, 6.0), lambda fig, d: draw_half_map_slices(fig, *read_half_maps(d))),
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fixtures import simulate_tiny
 from habinit_plugin.engine import density
 from habinit_plugin.engine.simulate import SimulationSettings, simulate_dataset
 
@@ -42,3 +43,9 @@ def sim_snr01(tmp_path_factory, protein_map_64):
 def sim_small(tmp_path_factory, protein_map_32):
     """300 particles at SNR 1, box 32: for I/O and CLI tests."""
     return _simulate(tmp_path_factory, "small", protein_map_32, 2 * PIXEL_SIZE, n_particles=300, snr=1.0, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_set(tmp_path_factory):
+    """160 particles of the bundled protein, box 32, SNR 1: for the job's mechanics."""
+    return simulate_tiny(tmp_path_factory.mktemp("tiny"))

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from habinit_plugin.engine import density
-from habinit_plugin.engine.abinit import AbinitRun, AbinitSettings, refine_passes
+from habinit_plugin.engine.abinit import AbinitRun, run_sgd
 from habinit_plugin.engine.mrc import read_map
 from habinit_plugin.engine.particles import load_particles
+from habinit_plugin.engine.passes import run_passes
+from habinit_plugin.engine.settings import AbinitSettings
 from habinit_plugin.engine.simulate import SimulationSettings, simulate_dataset
-from habinit_plugin.engine.validation import compare_to_truth
+from habinit_plugin.engine.truth import compare_to_truth
 
 PIXEL_SIZE = 3.6  # box 32: Nyquist 7.2 A
 
@@ -31,10 +33,11 @@ def test_abinit_recovers_the_structure(small_set):
         n_initial_iterations=60, n_final_iterations=20, initial_batch=60, final_batch=150, n_final_passes=2, seed=4
     )
     run = AbinitRun(particles, settings)
-    run.run_sgd()
-    result = refine_passes(run, log=lambda m: None)
+    run_sgd({"map": run})
+    volumes = {}
+    run_passes({"map": run}, volumes, {"pass": 0})
     c = compare_to_truth(
-        result.volume, truth, PIXEL_SIZE, run.rotations, run.origins, truth_poses.rotations, truth_poses.shifts
+        volumes["map"], truth, PIXEL_SIZE, run.rotations, run.origins, truth_poses.rotations, truth_poses.shifts
     )
     # known poses give FSC 0.5 vs truth at ~7.4 A here; a wrong or blurred structure stays above 15 A
     assert c.resolution_05 < 9.5, c.to_dict()
@@ -47,6 +50,6 @@ def test_a_random_start_alone_is_not_the_structure(small_set):
     particles = load_particles(small_set["particles"])
     truth, _ = read_map(small_set["gt_map"])
     run = AbinitRun(particles, AbinitSettings(seed=4))
-    run.initial_model(run.radius(35.0))
+    run.initial_model(run.geometry.radius(35.0))
     c = compare_to_truth(run.model_map(), truth, PIXEL_SIZE)
     assert c.resolution_05 > 15.0 or np.isnan(c.resolution_05)

@@ -131,7 +131,7 @@ def test_apply_to_poses_keeps_the_images(reference, mirrored):
     rng = np.random.default_rng(12)
     rotations = so3.random_rotations(20, rng)
     origins = rng.uniform(-2.0, 2.0, (20, 2))
-    new_rotations, new_origins = apply_to_poses(alignment, rotations, origins, BOX)
+    new_rotations, new_origins = apply_to_poses(alignment, rotations, origins)
     assert np.allclose(np.linalg.det(new_rotations), 1.0)  # always proper, even for a mirror
     before = _projections(moving, rotations, origins)
     after = _projections(aligned, new_rotations, new_origins)

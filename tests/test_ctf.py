@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from reference import reference_ctf, wavelength_from_constants
 
 from habinit_plugin.engine.ctf import CTFParams, electron_wavelength, evaluate_ctf
+from reference import reference_ctf, wavelength_from_constants
 
 
 def test_wavelength_matches_physical_constants():

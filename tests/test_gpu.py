@@ -35,7 +35,8 @@ if _N_GPUS == 0:
 
 pytestmark = pytest.mark.gpu
 
-from habinit_plugin.engine import density, memory, so3  # noqa: E402
+from habinit_plugin.engine import density, gpu_budget, oom, so3  # noqa: E402
+from habinit_plugin.engine.backend import to_device  # noqa: E402
 from habinit_plugin.engine.ctf import evaluate_ctf  # noqa: E402
 from habinit_plugin.engine.fourier import (  # noqa: E402
     half_plane_frequencies,
@@ -44,19 +45,12 @@ from habinit_plugin.engine.fourier import (  # noqa: E402
     sample_spectra,
 )
 from habinit_plugin.engine.fsc import fsc  # noqa: E402
-from habinit_plugin.engine.memory import (  # noqa: E402
-    MemoryPeak,
-    OOMSplitter,
-    StagedSum,
-    concatenate_results,
-    release_memory,
-    run_split_on_oom,
-    set_gpu_memory_limit,
-    to_device,
-)
+from habinit_plugin.engine.gpu_budget import MemoryPeak, set_gpu_memory_limit  # noqa: E402
+from habinit_plugin.engine.minibatch import ImageBatch  # noqa: E402
 from habinit_plugin.engine.mrc import read_map  # noqa: E402
+from habinit_plugin.engine.oom import OOMSplitter, StagedSum, release_memory  # noqa: E402
 from habinit_plugin.engine.particles import load_particles  # noqa: E402
-from habinit_plugin.engine.pose_search import ImageBatch, SearchSettings, global_search  # noqa: E402
+from habinit_plugin.engine.pose_search import SearchSettings, global_search  # noqa: E402
 from habinit_plugin.engine.projector import backproject, project, slice_coordinates, volume_to_grid  # noqa: E402
 from habinit_plugin.engine.reconstruct import Backprojection, reconstruct_half_maps  # noqa: E402
 from habinit_plugin.engine.simulate import (  # noqa: E402
@@ -66,7 +60,12 @@ from habinit_plugin.engine.simulate import (  # noqa: E402
     simulate_dataset,
 )
 
-GB = memory.GB
+GB = gpu_budget.GB
+
+
+def run_split_on_oom(func, index, *, splitter=None):
+    """``func`` over the pieces of ``index`` through an :class:`OOMSplitter` (a new one unless given)."""
+    return (splitter or OOMSplitter(xp=cupy)).run(func, index)
 
 
 def _volume(box: int, pixel_size: float, seed: int = 0) -> np.ndarray:
@@ -155,7 +154,7 @@ def test_backprojections_match():
 def test_cuda_kernels_are_used_and_match_the_array_expressions():
     """The projection kernels compile, pass their self-check and agree with the expressions."""
     from habinit_plugin.engine import kernels  # noqa: PLC0415
-    from habinit_plugin.engine.projector import backproject_expressions, project_expressions  # noqa: PLC0415
+    from habinit_plugin.engine.trilinear import backproject_expressions, project_expressions  # noqa: PLC0415
 
     rng = np.random.default_rng(3)
     size = 64
@@ -215,8 +214,8 @@ def test_best_poses_match_on_noise_free_images():
         coarse_level=2,
         final_level=level,
         beam=8,
-        max_shift=6.0,
-        coarse_shift_step=1.5,
+        max_shift_px=6.0,
+        coarse_shift_step_px=1.5,
         coarse_radius=10.0,
         final_radius=float(radius),
     )
@@ -242,7 +241,7 @@ def test_best_poses_match_on_noise_free_images():
 def test_limit_frees_cached_blocks_before_failing():
     """CuPy's pool counts its cached blocks against the limit; the engine's allocator frees them first."""
     assert set_gpu_memory_limit(cupy, 0.1) == int(0.1 * GB)
-    assert memory.gpu_memory_limit(cupy) == int(0.1 * GB)
+    assert gpu_budget.gpu_memory_limit(cupy) == int(0.1 * GB)
     a = cupy.empty(50_000_000, dtype=cupy.uint8)
     del a  # 50 MB cached in the pool
     b = cupy.empty(60_000_000, dtype=cupy.uint8)  # 110 MB with the cache: fits only once it is freed
@@ -251,7 +250,7 @@ def test_limit_frees_cached_blocks_before_failing():
         cupy.empty(150_000_000, dtype=cupy.uint8)
 
 
-def test_forced_out_of_memory_is_recovered_by_splitting():
+def test_forced_out_of_memory_is_recovered_by_splitting(caplog):
     """A real CuPy out-of-memory error (pool limit 0.1 GB, 1 MB per item) is split away."""
     index = np.arange(400)
     expected = (index.astype(np.float32) * 2.0).sum()
@@ -261,11 +260,11 @@ def test_forced_out_of_memory_is_recovered_by_splitting():
         return float((block[:, 0] * cupy.asarray(part, dtype=cupy.float32) * 2.0).sum())
 
     set_gpu_memory_limit(cupy, 0.1)
-    memory.STATS.reset()
-    messages = []
-    with MemoryPeak(cupy) as peak:
-        pieces = run_split_on_oom(func, index, log=messages.append)
-    assert memory.STATS.ooms >= 2 and len(pieces) >= 4
+    oom.STATS.reset()
+    with MemoryPeak(cupy) as peak, caplog.at_level("INFO", logger="habinit"):
+        pieces = run_split_on_oom(func, index)
+    messages = [r.getMessage() for r in caplog.records]
+    assert oom.STATS.ooms >= 2 and len(pieces) >= 4
     assert "Out of memory allocating" in messages[0]
     assert sum(r for _, r in pieces) == pytest.approx(expected, rel=1e-6)
     assert peak.peak_bytes <= 0.1 * GB
@@ -273,7 +272,7 @@ def test_forced_out_of_memory_is_recovered_by_splitting():
 
 def test_one_item_over_the_limit_names_the_budget():
     set_gpu_memory_limit(cupy, 0.05)
-    with pytest.raises(memory.GPUMemoryError, match=r"--gpu-mem 0\.05 GB"):
+    with pytest.raises(gpu_budget.GPUMemoryError, match=r"--gpu-mem 0\.05 GB"):
         run_split_on_oom(lambda part: cupy.empty((len(part), 100_000_000), dtype=cupy.uint8), np.arange(4))
 
 
@@ -299,10 +298,10 @@ def test_staged_backprojection_under_a_limit_matches_the_unlimited_one(small_set
 
     limited = Backprojection.zeros(box, 2, cupy)
     set_gpu_memory_limit(cupy, 0.06)  # 32 MB of grids (sums, scratch, reference) + the pieces
-    memory.STATS.reset()
+    oom.STATS.reset()
     with MemoryPeak(cupy) as peak, StagedSum([limited.data, limited.weight]) as sums:
         sums.run(add, everything)  # 1500 particles in one piece need about 0.1 to 0.2 GB
-    assert memory.STATS.ooms >= 1
+    assert oom.STATS.ooms >= 1
     assert peak.peak_bytes <= 0.06 * GB
     assert _relative_l2(limited.data, reference.data) < 1e-5
     assert _relative_l2(limited.weight, reference.weight) < 1e-5
@@ -321,9 +320,9 @@ def test_reconstruction_stays_under_the_limit_for_a_set_several_times_larger(tmp
     a_ref, b_ref, _ = reconstruct_half_maps(particles, half, xp=cupy, batch_size=1000)
     release_memory(cupy)
 
-    set_gpu_memory_limit(cupy, limit_gb)
+    limit = set_gpu_memory_limit(cupy, limit_gb)
     with MemoryPeak(cupy) as peak:
-        a, b, _ = reconstruct_half_maps(particles, half, xp=cupy, batch_size=8000)
+        a, b, _ = reconstruct_half_maps(particles, half, xp=cupy, batch_size=8000, memory_limit_bytes=limit)
     assert stack_bytes > 3 * limit_gb * GB
     assert peak.peak_bytes <= limit_gb * GB, f"pool peak {peak.peak_bytes / GB:.3f} GB over {limit_gb} GB"
     assert _relative_l2(a, a_ref) < 1e-4
@@ -357,6 +356,6 @@ def test_pieces_combine_on_the_device():
         return cupy.asarray(part) * 3
 
     pieces = run_split_on_oom(func, np.arange(100), splitter=OOMSplitter())
-    combined = concatenate_results(pieces)
+    combined = cupy.concatenate([r for _, r in pieces])
     assert isinstance(combined, cupy.ndarray)
     np.testing.assert_array_equal(combined.get(), np.arange(100) * 3)

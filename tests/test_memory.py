@@ -12,24 +12,28 @@ import sys
 import numpy as np
 import pytest
 
-from habinit_plugin.engine import memory
-from habinit_plugin.engine.backend import DeviceError
+from habinit_plugin.engine import gpu_budget, oom
+from habinit_plugin.engine.backend import DeviceError, to_device
 from habinit_plugin.engine.ctf import evaluate_ctf
-from habinit_plugin.engine.memory import (
+from habinit_plugin.engine.gpu_budget import (
     GPUMemoryError,
     MemoryPeak,
-    OOMSplitter,
-    StagedSum,
     chunk_size_for_budget,
-    concatenate_results,
-    is_out_of_memory,
     particle_bytes,
-    run_split_on_oom,
     set_gpu_memory_limit,
-    to_device,
 )
+from habinit_plugin.engine.oom import OOMSplitter, StagedSum, is_out_of_memory
 from habinit_plugin.engine.reconstruct import Backprojection, particle_spectra, reconstruction_frequencies
 from habinit_plugin.engine.simulate import SimulationSettings, random_poses
+
+
+def run_split_on_oom(func, index, min_size: int = 1, *, on_result=None, splitter=None, what: str = "particles"):
+    """``func`` over the pieces of ``index`` through an :class:`OOMSplitter` (a new one unless given)."""
+    return (splitter or OOMSplitter(min_size, what=what)).run(func, index, on_result=on_result)
+
+
+def concatenate_results(pieces):
+    return np.concatenate([result for _, result in pieces])
 
 
 def _fake_gpu_function(threshold: int, calls: list):
@@ -45,20 +49,21 @@ def _fake_gpu_function(threshold: int, calls: list):
     return func
 
 
-def test_split_on_oom_returns_the_unsplit_result():
+def test_split_on_oom_returns_the_unsplit_result(caplog):
     index = np.arange(3, 103)
     expected = index.astype(np.float64) ** 2
     calls: list[int] = []
-    memory.STATS.reset()
-    messages: list[str] = []
-    pieces = run_split_on_oom(_fake_gpu_function(13, calls), index, log=messages.append)
+    oom.STATS.reset()
+    with caplog.at_level("INFO", logger="habinit"):
+        pieces = run_split_on_oom(_fake_gpu_function(13, calls), index)
+    messages = [r.getMessage() for r in caplog.records]
     np.testing.assert_array_equal(concatenate_results(pieces), expected)
     # pieces cover the index in order, none larger than the threshold
     np.testing.assert_array_equal(np.concatenate([p for p, _ in pieces]), index)
     assert max(len(p) for p, _ in pieces) <= 13
     # 100 -> 50 -> 25 -> 13 + 12: 8 pieces, 7 failures (1 + 2 + 4)
     assert len(pieces) == 8
-    assert memory.STATS.ooms == 7 and memory.STATS.splits == 7
+    assert oom.STATS.ooms == 7 and oom.STATS.splits == 7
     assert messages[0].startswith("out of memory on 100 particles (MemoryError: fake")
     assert "retrying as 50 + 50" in messages[0]
 
@@ -173,7 +178,7 @@ def test_cufft_allocation_failure_is_split_like_a_memory_error():
 
 
 def test_chunk_size_for_budget():
-    gb = memory.GB
+    gb = gpu_budget.GB
     # 2 GB, 0.8 GB of grids, 1 MB per particle: 1200 particles
     assert chunk_size_for_budget(1_000_000, int(2 * gb), int(0.8 * gb)) == 1200
     assert chunk_size_for_budget(1_000_000, int(2 * gb), int(0.8 * gb), max_size=500) == 500
@@ -227,9 +232,9 @@ def test_staged_sum_is_retry_safe_when_a_piece_fails_half_way():
             raise MemoryError("fake: out of memory after a partial update")
 
     total = np.zeros(50, dtype=np.float32)
-    memory.STATS.reset()
+    oom.STATS.reset()
     StagedSum([total], stage=True).run(add, np.arange(300))
-    assert memory.STATS.ooms >= 3
+    assert oom.STATS.ooms >= 3
     np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -291,7 +296,7 @@ def test_staged_sum_checks_target_shapes():
 
 def test_budget_and_transfers_are_no_ops_on_numpy():
     assert set_gpu_memory_limit(np, 2.0) is None
-    assert memory.gpu_memory_limit(np) is None
+    assert gpu_budget.gpu_memory_limit(np) is None
     host = np.arange(12, dtype=np.float32).reshape(3, 4)
     assert to_device(host, np) is host
     np.testing.assert_array_equal(to_device([1, 2], np), np.array([1, 2]))

@@ -4,6 +4,7 @@ import mrcfile
 import numpy as np
 import pytest
 
+from fixtures import write_cryosparc_cs
 from habinit_plugin.engine import density, so3
 from habinit_plugin.engine.particles import load_particles, write_particles_star
 from habinit_plugin.engine.simulate import SimulationSettings, random_poses
@@ -82,53 +83,9 @@ def test_relion_30_star_is_read(sim_small, tmp_path):
     assert len(old.optics) == 1
 
 
-def write_cs(path, gt, stack_path, with_split=True):
-    n = len(gt)
-    fields = [
-        ("uid", "<u8"),
-        ("blob/path", "S200"),
-        ("blob/idx", "<u4"),
-        ("blob/shape", "<u4", (2,)),
-        ("blob/psize_A", "<f4"),
-        ("ctf/accel_kv", "<f4"),
-        ("ctf/cs_mm", "<f4"),
-        ("ctf/amp_contrast", "<f4"),
-        ("ctf/df1_A", "<f4"),
-        ("ctf/df2_A", "<f4"),
-        ("ctf/df_angle_rad", "<f4"),
-        ("ctf/phase_shift_rad", "<f4"),
-        ("alignments3D/pose", "<f4", (3,)),
-        ("alignments3D/shift", "<f4", (2,)),
-        ("alignments3D/psize_A", "<f4"),
-    ]
-    if with_split:
-        fields.append(("alignments3D/split", "<u4"))
-    cs = np.zeros(n, dtype=fields)
-    cs["uid"] = np.arange(n) * 7919 + 12345678901234
-    cs["blob/path"] = str(stack_path).encode()
-    cs["blob/idx"] = gt.slice_of
-    cs["blob/shape"] = gt.box
-    cs["blob/psize_A"] = gt.pixel_size
-    cs["ctf/accel_kv"] = gt.ctf.voltage
-    cs["ctf/cs_mm"] = gt.ctf.cs
-    cs["ctf/amp_contrast"] = gt.ctf.amplitude_contrast
-    cs["ctf/df1_A"] = gt.ctf.defocus_u
-    cs["ctf/df2_A"] = gt.ctf.defocus_v
-    cs["ctf/df_angle_rad"] = np.deg2rad(gt.ctf.defocus_angle)
-    # cryoSPARC: the pose is the rotation vector of the transpose of RELION's matrix, shifts = origins (px)
-    cs["alignments3D/pose"] = so3.matrix_to_rotvec(np.swapaxes(gt.rotations, 1, 2))
-    cs["alignments3D/shift"] = gt.shifts
-    cs["alignments3D/psize_A"] = gt.pixel_size
-    if with_split:
-        cs["alignments3D/split"] = np.arange(n) % 2
-    with open(path, "wb") as f:
-        np.save(f, cs)
-    return cs
-
-
 def test_cryosparc_cs_is_read_to_the_same_particles(sim_small, tmp_path):
     gt = load_particles(sim_small["gt_poses"])
-    cs = write_cs(tmp_path / "particles.cs", gt, sim_small["stack"])
+    cs = write_cryosparc_cs(tmp_path / "particles.cs", gt, sim_small["stack"], split=np.arange(len(gt)) % 2)
     from_cs = load_particles(tmp_path / "particles.cs")
     assert len(from_cs) == len(gt)
     assert np.array_equal(from_cs.ids, np.arange(1, len(gt) + 1))

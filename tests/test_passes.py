@@ -4,40 +4,30 @@ insertion, and resuming between passes."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from habinit_plugin.engine import density
-from habinit_plugin.engine.abinit import AbinitRun, AbinitSettings, _insert, full_pass, internal_halves
+from fixtures import TINY
+from habinit_plugin.engine.abinit import AbinitRun, run_sgd
 from habinit_plugin.engine.fourier import half_plane_frequencies, hermitian_weights
+from habinit_plugin.engine.gold_standard import GoldStandardJob
+from habinit_plugin.engine.minibatch import ImageBatch
 from habinit_plugin.engine.particles import load_particles
-from habinit_plugin.engine.pose_search import ImageBatch, SearchResult
+from habinit_plugin.engine.passes import _insert, full_pass, internal_halves
+from habinit_plugin.engine.pose_search import SearchResult
 from habinit_plugin.engine.reconstruct import Backprojection
-from habinit_plugin.engine.refine import GoldStandardJob, JobSettings
-from habinit_plugin.engine.simulate import SimulationSettings, simulate_dataset
+from habinit_plugin.engine.settings import AbinitSettings, JobSettings
 from habinit_plugin.engine.so3 import random_rotations
-
-PIXEL_SIZE = 3.6
-TINY = {"n_initial_iterations": 12, "n_final_iterations": 4, "initial_batch": 24, "final_batch": 40}
-
-
-@pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
-    """160 particles of the bundled protein, box 32, SNR 1."""
-    out = tmp_path_factory.mktemp("tiny_passes")
-    volume = density.bundled_protein_map(32, PIXEL_SIZE)
-    return simulate_dataset(volume, PIXEL_SIZE, out, SimulationSettings(n_particles=160, snr=1.0, seed=6))
 
 
 def test_internal_halves_see_only_their_own_reference(tiny_set):
     """Changing the reference of internal half 1 changes the poses of half 1 only."""
     run = AbinitRun(load_particles(tiny_set["particles"]), AbinitSettings(**TINY))
-    run.run_sgd()
+    run_sgd({"map": run})
     reference = run.model_map()
     start = run.rotations.copy(), run.origins.copy()
-    first = full_pass(run, (reference, reference), run.radius(12.0), local=True)
+    first = full_pass(run, (reference, reference), run.geometry.radius(12.0), local=True)
     run.rotations, run.origins = start
     other = np.roll(reference, 2, axis=0)  # a shifted copy: the poses of its half must move
-    second = full_pass(run, (reference, other), run.radius(12.0), local=True)
+    second = full_pass(run, (reference, other), run.geometry.radius(12.0), local=True)
     halves = internal_halves(run)
     assert 0.4 < halves.mean() < 0.6
     assert np.array_equal(first.rotations[halves == 0], second.rotations[halves == 0])
@@ -72,7 +62,7 @@ def test_resume_between_passes_gives_the_same_maps(tiny_set, tmp_path):
     the same half maps, bit for bit, as a job that ran through (the maps of pass 1,
     the references of pass 2, travel in the checkpoint)."""
     particles = load_particles(tiny_set["particles"])
-    settings = JobSettings(abinit=AbinitSettings(**TINY, n_final_passes=2), align_every=6, checkpoint_seconds=0.0)
+    settings = JobSettings(abinit=AbinitSettings(**TINY), align_every=6, checkpoint_minutes=0.0)
     whole = GoldStandardJob(particles, settings, tmp_path / "whole").run()
     cut = GoldStandardJob(particles, settings, tmp_path / "cut")
     cut._sgd_phase()

@@ -2,8 +2,8 @@
 
 Images: 50 projections of the bundled protein (box 48, 2.4 A/px) simulated on a 4x
 oversampled grid (the search uses 2x, so the two are not twins), with random CTFs
-and shifts up to about 4 px. The batch is built as ``AbinitRun.image_batch`` does it:
-raw half-plane spectra (not centred), CTF per particle, Hermitian weight / noise
+and shifts up to about 4 px. The batch is built by ``minibatch.image_batch``, as in the
+job: raw half-plane spectra (not centred), CTF per particle, Hermitian weight / noise
 variance (1 here).
 """
 
@@ -16,10 +16,9 @@ import pytest
 
 from habinit_plugin.engine import density, so3
 from habinit_plugin.engine.align3d import Alignment, transform_map
-from habinit_plugin.engine.ctf import evaluate_ctf
-from habinit_plugin.engine.fourier import half_plane_frequencies, hermitian_weights, image_rfft, sample_spectra
+from habinit_plugin.engine.fourier import half_plane_frequencies
+from habinit_plugin.engine.minibatch import ImageBatch, image_batch
 from habinit_plugin.engine.pose_search import (
-    ImageBatch,
     LocalSettings,
     NeighbourhoodSettings,
     SearchSettings,
@@ -56,9 +55,8 @@ def problem() -> Problem:
     images = clean_images(volume_to_grid(volume, 4), poses, index, PIXEL_SIZE, BOX, oversampling=4)
     freqs = half_plane_frequencies(RADIUS)
     radii = np.hypot(freqs[:, 0], freqs[:, 1])
-    spectra = sample_spectra(image_rfft(images), freqs)
-    ctf = evaluate_ctf(poses.ctf.subset(index), freqs, PIXEL_SIZE, BOX)
-    batch = ImageBatch(spectra, ctf, hermitian_weights(freqs) / 1.0, freqs, radii, BOX)
+    noise_variance = np.ones(len(freqs), dtype=np.float32)
+    batch = image_batch(images, poses.ctf.subset(index), freqs, radii, noise_variance, PIXEL_SIZE, np)
     return Problem(volume, volume_to_grid(volume, 2), poses, batch)
 
 
@@ -67,8 +65,8 @@ def _settings(final_level: int = FINAL_LEVEL, scale_invariant: bool = False) -> 
         coarse_level=2,
         final_level=final_level,
         beam=8,
-        max_shift=MAX_SHIFT,
-        coarse_shift_step=1.5,
+        max_shift_px=MAX_SHIFT,
+        coarse_shift_step_px=1.5,
         coarse_radius=10.0,
         final_radius=float(RADIUS),
         scale_invariant=scale_invariant,
@@ -155,7 +153,9 @@ def test_local_search_converges_from_perturbed_poses(problem):
     walk it replaced: median 0.17, max 1.68 deg in 8 steps).
     """
     start, start_origins = _perturbed(problem, 4.0, 0.7)
-    settings = LocalSettings(angle_step=4.0, shift_step=1.0, n_levels=6, radius=float(RADIUS), max_shift=MAX_SHIFT)
+    settings = LocalSettings(
+        angle_step_deg=4.0, shift_step_px=1.0, n_levels=6, radius=float(RADIUS), max_shift_px=MAX_SHIFT
+    )
     result = local_search(problem.grid, 2, problem.batch, start, start_origins, settings)
     assert result.rotations.shape == (N_IMAGES, 1, 3, 3)
     angle, shift = _errors(result.rotations[:, 0], result.origins[:, 0], problem.poses)
@@ -174,7 +174,7 @@ def test_local_search_refines_like_the_final_passes(problem):
     start, start_origins = _perturbed(problem, 3.0, 0.5)
     spacing = so3.grid_spacing(FINAL_LEVEL)
     settings = LocalSettings(
-        angle_step=2 * spacing, shift_step=1.0, n_levels=4, radius=float(RADIUS), max_shift=MAX_SHIFT
+        angle_step_deg=2 * spacing, shift_step_px=1.0, n_levels=4, radius=float(RADIUS), max_shift_px=MAX_SHIFT
     )
     result = local_search(problem.grid, 2, problem.batch, start, start_origins, settings)
     angle, shift = _errors(result.rotations[:, 0], result.origins[:, 0], problem.poses)
@@ -190,7 +190,7 @@ def test_neighbourhood_search_is_a_posterior_around_the_truth(problem):
     images (noise variance 1) and flat when the energies are divided by 1e6."""
     start, start_origins = _perturbed(problem, 1.0, 0.2)
     hood = NeighbourhoodSettings(
-        angle_step=1.0, angle_radius=2.2, shift_step=0.25, shift_radius=0.4, keep=10, radius=float(RADIUS)
+        angle_step_deg=1.0, angle_radius_deg=2.2, shift_step_px=0.25, shift_radius_px=0.4, keep=10, radius=float(RADIUS)
     )
     assert len(_neighbourhood(1.0, 2.2)) == 33  # |v| <= 2.2 steps on a cubic grid
     result = neighbourhood_search(problem.grid, 2, problem.batch, start, start_origins, hood)

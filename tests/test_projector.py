@@ -79,7 +79,7 @@ def test_wrong_rotation_convention_would_be_caught(protein_map_64):
 
 def test_grid_round_trip_returns_the_map(protein_map_64):
     grid = projector.volume_to_grid(protein_map_64, 2)
-    back = projector.grid_to_volume(grid, 64, gridding_correction=False) * projector._gridding_profile(64, 128, np)
+    back = projector.grid_to_volume(grid, 64, gridding_correction=False) * projector.gridding_profile(64, 128, np)
     assert np.allclose(back, protein_map_64, atol=1e-4 * protein_map_64.max())
 
 

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from reference import relion_particle_image
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
@@ -13,6 +12,7 @@ from habinit_plugin.engine.mrc import read_map
 from habinit_plugin.engine.particles import load_particles
 from habinit_plugin.engine.reconstruct import reconstruct_half_maps
 from habinit_plugin.engine.star import StarBlock, write_star
+from reference import relion_particle_image
 
 
 def reconstruct(path, **kwargs):

@@ -13,27 +13,25 @@ from habinit_plugin.engine.fourier import (
     centered_fftn,
     centered_ifftn,
     half_plane_frequencies,
+    hermitian_weights,
     soft_sphere,
 )
 from habinit_plugin.engine.fsc import fsc
-from habinit_plugin.engine.projector import backproject, grid_to_volume, project, slice_coordinates, volume_to_grid
-from habinit_plugin.engine.reconstruct import (
-    Backprojection,
-    particle_spectra,
-    regularisation,
-    shell_weight_means,
-    wiener_map,
-)
+from habinit_plugin.engine.minibatch import ImageBatch
+from habinit_plugin.engine.projector import grid_to_volume, project, slice_coordinates, volume_to_grid
+from habinit_plugin.engine.reconstruct import Backprojection, particle_spectra, regularisation, wiener_map
+from habinit_plugin.engine.settings import AbinitSettings
 from habinit_plugin.engine.sgd import (
     NoiseModel,
     Schedule,
     apply_constraints,
     band_mask,
     centre_of_mass_shift,
+    minibatch_gradient,
     sgd_update,
-    symmetric_sums,
     translate_grid,
     update_weight_ema,
+    weak_prior_tau2,
 )
 from habinit_plugin.engine.simulate import SimulationSettings, clean_images, random_poses
 
@@ -59,12 +57,17 @@ class Minibatch:
         return OVERSAMPLING * BOX
 
     def gradient(self, grid):
-        """As ``AbinitRun._gradient`` with one pose of weight 1 and unit noise: Hermitian
-        backprojected CTF-weighted residuals and CTF^2 weights, (G, G, G) each."""
-        residual = self.spectra - self.ctf * project(grid, self.coords, OVERSAMPLING)
-        data = backproject((self.ctf * residual).astype(np.complex64), self.coords, self.size, OVERSAMPLING)
-        weight = backproject((self.ctf**2).astype(np.float32), self.coords, self.size, OVERSAMPLING)
-        return symmetric_sums(data, weight)
+        """The SGD phase's gradient (``sgd.minibatch_gradient``) at the true poses, weight 1, unit
+        noise: Hermitian backprojected CTF-weighted residuals and CTF^2 weights, (G, G, G) each."""
+        n = len(self.rotations)
+        batch = ImageBatch(self.spectra, self.ctf, hermitian_weights(self.freqs), self.freqs, self.radii, BOX)
+        one_pose = self.rotations[:, None], np.zeros((n, 1, 2)), np.ones((n, 1))
+        data, weight, _ = minibatch_gradient(grid, OVERSAMPLING, batch, *one_pose)
+        return data, weight
+
+    @property
+    def radii(self) -> np.ndarray:
+        return np.hypot(self.freqs[:, 0], self.freqs[:, 1])
 
     def misfit(self, grid) -> float:
         """Sum over images and half-plane frequencies of |X - C P V|^2."""
@@ -87,8 +90,8 @@ def minibatch() -> Minibatch:
 
 def _weak_prior(weight):
     """Per-voxel 1/tau2 = 5% of the mean weight of each shell (the SGD phase's prior)."""
-    mean_w = shell_weight_means(weight, OVERSAMPLING, BOX // 2 + 1)
-    tau2 = 1.0 / (0.05 * np.maximum(mean_w, 1e-30))
+    tau2 = weak_prior_tau2(weight, OVERSAMPLING)
+    assert len(tau2) == BOX // 2 + 1
     return tau2, regularisation(weight, OVERSAMPLING, tau2)
 
 
@@ -157,7 +160,7 @@ def test_weight_ema_takes_new_voxels_and_mixes_old_ones():
 
 
 def test_schedule_resolution_ramp():
-    s = Schedule(n_initial=200, n_final=300, initial_resolution=35.0, final_resolution=12.0)
+    s = Schedule(AbinitSettings(n_initial_iterations=200, n_final_iterations=300, initial_resolution_A=35.0), 12.0)
     assert s.n_iterations == 500
     assert s.resolution(0) == pytest.approx(35.0)
     assert s.resolution(199) == pytest.approx(12.0)
@@ -171,7 +174,8 @@ def test_schedule_resolution_ramp():
 
 
 def test_schedule_batch_growth():
-    s = Schedule(n_initial=200, n_final=300, initial_batch=90, final_batch=300)
+    settings = AbinitSettings(n_initial_iterations=200, n_final_iterations=300, initial_batch=90, final_batch=300)
+    s = Schedule(settings, 12.0)
     assert s.batch_size(0) == 90
     assert s.batch_size(199) == 90
     assert s.batch_size(200) == 90
@@ -183,14 +187,15 @@ def test_schedule_batch_growth():
 
 
 def test_schedule_learning_rate_and_temperature():
-    s = Schedule(
-        n_initial=200,
-        n_final=300,
-        initial_learning_rate=0.4,
+    settings = AbinitSettings(
+        n_initial_iterations=200,
+        n_final_iterations=300,
+        learning_rate=0.4,
         learning_rate_iterations=100,
         final_learning_rate=0.1,
         initial_temperature=4.0,
     )
+    s = Schedule(settings, 12.0)
     assert s.learning_rate(0) == pytest.approx(0.4)
     assert s.learning_rate(99) == pytest.approx(0.4)
     assert s.learning_rate(300) == pytest.approx(0.4 * 0.25**0.5)  # geometric: halfway in log

@@ -33,19 +33,12 @@ def engine_program(python: str, threads: int | None = None, gpus=None, activatio
     return f"{activation.strip()} && {program}" if activation and activation.strip() else program
 
 
-def engine_run_args(particles: str, out: str, image_root: str | None = None, options: dict | None = None) -> str:
+def engine_run_args(particles: str, out: str, image_root: str | None = None, words: list[str] | None = None) -> str:
     """Arguments of ``python -m habinit_plugin.engine run`` as one quoted string.
 
-    options: CLI option name (without ``--``) -> value; ``True`` adds a bare flag,
-    ``None``/``False`` leaves the option out.
+    words: further options as words (``engine.settings.command_words`` makes them from settings values).
     """
-    words = ["-m", ENGINE_MODULE, "run", "--particles", particles, "--out", out]
+    command = ["-m", ENGINE_MODULE, "run", "--particles", particles, "--out", out]
     if image_root:
-        words += ["--image-root", image_root]
-    for name, value in (options or {}).items():
-        if value is None or value is False:
-            continue
-        words.append(f"--{name}")
-        if value is not True:
-            words.append(value)
-    return quote_all(words)
+        command += ["--image-root", image_root]
+    return quote_all(command + list(words or []))

@@ -94,10 +94,11 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def write_fsc_files(out: Path, curve: np.ndarray, pixel_size: float) -> dict:
-    """fsc.json and fsc.star of an FSC curve; returns the report (resolutions in A)."""
+def write_fsc_files(out: Path, curve: np.ndarray, pixel_size: float, **context) -> dict:
+    """fsc.json (with ``context``, e.g. the particle count) and fsc.star of an FSC curve; returns the
+    report (resolutions in A)."""
     resolutions = resolution_at(curve, 0.143, pixel_size), resolution_at(curve, 0.5, pixel_size)
-    report = fsc_report(curve, pixel_size, *resolutions)
+    report = dict(fsc_report(curve, pixel_size, *resolutions), **context)
     write_json(out / FSC_JSON, report)
     write_star(out / FSC_STAR, [StarBlock("fsc", FSC_STAR_COLUMNS, fsc_star_rows(report))])
     return report
@@ -276,10 +277,10 @@ def reconstruct_job(
     out.mkdir(parents=True, exist_ok=True)
     write_map(out / HALF_MAP_A, map_a, particles.pixel_size)
     write_map(out / HALF_MAP_B, map_b, particles.pixel_size)
-    report = write_fsc_files(out, fsc(map_a, map_b), particles.pixel_size)
+    report = write_fsc_files(out, fsc(map_a, map_b), particles.pixel_size, particles=len(particles), split=how)
     log.info(
         f"reconstructed in {seconds:.1f} s ({len(particles) / seconds:.0f} particles/s): "
         f"GS-FSC 0.143 at {report['resolution_0143']:.2f} A, 0.5 at {report['resolution_05']:.2f} A"
     )
     log.info(f"  half maps: {out / HALF_MAP_A}, {out / HALF_MAP_B}; FSC: {out / FSC_JSON}")
-    return dict(report, particles=len(particles), seconds=seconds, split=how)
+    return dict(report, seconds=seconds)

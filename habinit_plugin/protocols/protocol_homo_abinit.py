@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -16,26 +15,53 @@ from pyworkflow.protocol.params import GPU_LIST, USE_GPU
 
 from .. import constants as cts
 from ..convert.command import engine_program, engine_run_args
+from ..engine import outputs
+from ..engine.settings import (
+    MIN_PARTICLES_PER_HALF,
+    AbinitSettings,
+    DeviceSettings,
+    JobSettings,
+    command_words,
+    default_of,
+)
+
+MIN_PARTICLES = 2 * MIN_PARTICLES_PER_HALF
 
 
-def _engine_defaults() -> dict:
-    """The engine's default schedule (cryoSPARC's names), so the form and `habinit run` agree."""
-    from ..engine.abinit import AbinitSettings
+# The one place where the form meets the engine: form parameter -> engine settings field
+# (habinit_plugin/engine/settings.py, which also gives the defaults and the command-line options).
+FORM_TO_SETTINGS = {
+    "numberOfParticles": (JobSettings, "n_particles"),
+    "keepSplit": (JobSettings, "keep_split"),
+    "initialResolution": (AbinitSettings, "initial_resolution_A"),
+    "maximumResolution": (AbinitSettings, "max_resolution_A"),
+    "numberOfInitialIterations": (AbinitSettings, "n_initial_iterations"),
+    "numberOfFinalIterations": (AbinitSettings, "n_final_iterations"),
+    "initialMinibatchSize": (AbinitSettings, "initial_batch"),
+    "finalMinibatchSize": (AbinitSettings, "final_batch"),
+    "learningRate": (AbinitSettings, "learning_rate"),
+    "sgdResolution": (AbinitSettings, "sgd_resolution_A"),
+    "numberOfFinalPasses": (AbinitSettings, "n_final_passes"),
+    "marginalise": (AbinitSettings, "marginalise"),
+    "minResolution": (AbinitSettings, "min_resolution_A"),
+    "maskRadius": (AbinitSettings, "mask_radius_A"),
+    "randomSeed": (AbinitSettings, "seed"),
+    "gpuMemory": (DeviceSettings, "gpu_mem_GB"),
+}
 
-    d = AbinitSettings()
-    return {
-        "initial_resolution": d.initial_resolution,
-        "initial_batch": d.initial_batch,
-        "final_batch": d.final_batch,
-        "n_initial_iterations": d.n_initial_iterations,
-        "n_final_iterations": d.n_final_iterations,
-        "learning_rate": d.initial_learning_rate,
-        "sgd_resolution": d.sgd_resolution,
-        "n_final_passes": d.n_final_passes,
-    }
+
+def _default(form_name: str):
+    """The engine's default of a form parameter (0 where the engine's is None: 'chosen by the engine')."""
+    value = default_of(*FORM_TO_SETTINGS[form_name])
+    return 0.0 if value is None else value
 
 
-DEFAULTS = _engine_defaults()
+def _engine_value(form_name: str, value):
+    """A form value as the engine takes it: 0 means None (Nyquist, automatic) where the engine's default is None."""
+    cls, name = FORM_TO_SETTINGS[form_name]
+    return None if default_of(cls, name) is None and not value else value
+
+
 MRC_EXTENSIONS = (".mrc", ".mrcs", ".st", ".map")
 
 
@@ -99,7 +125,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "numberOfParticles",
             params.IntParam,
-            default=0,
+            default=_default("numberOfParticles"),
             label="Number of particles to use",
             help="How many particles to use, the first ones of the input set (as in cryoSPARC); 0 uses all "
             "of them. The others come out as 'unused particles'. Ab initio does not need every particle, but "
@@ -108,7 +134,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "keepSplit",
             params.BooleanParam,
-            default=True,
+            default=_default("keepSplit"),
             label="Keep the input half-set split?",
             help="If the particles already carry a half-set label (_rlnRandomSubset 1/2, e.g. from a previous "
             "RELION or cryoSPARC refinement), keep it so that later refinements stay gold-standard. "
@@ -119,7 +145,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "initialResolution",
             params.FloatParam,
-            default=DEFAULTS["initial_resolution"],
+            default=_default("initialResolution"),
             label="Initial resolution (A)",
             help="Resolution at which the reconstruction starts. The map is built from low resolution "
             "(large numbers) towards high resolution; starting coarse avoids locking in noise.",
@@ -127,7 +153,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "maximumResolution",
             params.FloatParam,
-            default=0.0,
+            default=_default("maximumResolution"),
             label="Maximum resolution (A)",
             help="Highest resolution used to align particles. 0 means the Nyquist limit (twice the "
             "pixel size). A gold-standard FSC is computed regardless, so this is a cap, not a target.",
@@ -135,7 +161,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "numberOfInitialIterations",
             params.IntParam,
-            default=DEFAULTS["n_initial_iterations"],
+            default=_default("numberOfInitialIterations"),
             expertLevel=params.LEVEL_ADVANCED,
             label="Number of initial iterations",
             help="Iterations at the initial minibatch size while the resolution is still low (cryoSPARC default 200).",
@@ -143,34 +169,35 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "numberOfFinalIterations",
             params.IntParam,
-            default=DEFAULTS["n_final_iterations"],
+            default=_default("numberOfFinalIterations"),
             expertLevel=params.LEVEL_ADVANCED,
             label="Number of final iterations",
             help="SGD iterations at the final minibatch size, after the initial ones (cryoSPARC's ab initio uses "
-            f"300; here {DEFAULTS['n_final_iterations']}). Full passes over all particles follow.",
+            f"300; here {_default('numberOfFinalIterations')}). Full passes over all particles follow.",
         )
         form.addParam(
             "initialMinibatchSize",
             params.IntParam,
-            default=DEFAULTS["initial_batch"],
+            default=_default("initialMinibatchSize"),
             expertLevel=params.LEVEL_ADVANCED,
             label="Initial minibatch size",
             help="Particles per SGD iteration at the start. Small batches make the early, noisy steps "
-            f"that let ab initio escape wrong solutions (cryoSPARC default 90; here {DEFAULTS['initial_batch']}).",
+            "that let ab initio escape wrong solutions "
+            f"(cryoSPARC default 90; here {_default('initialMinibatchSize')}).",
         )
         form.addParam(
             "finalMinibatchSize",
             params.IntParam,
-            default=DEFAULTS["final_batch"],
+            default=_default("finalMinibatchSize"),
             expertLevel=params.LEVEL_ADVANCED,
             label="Final minibatch size",
             help="Particles per SGD iteration at the end. Larger batches give smoother, more precise "
-            f"updates at high resolution (cryoSPARC default 300; here {DEFAULTS['final_batch']}).",
+            f"updates at high resolution (cryoSPARC default 300; here {_default('finalMinibatchSize')}).",
         )
         form.addParam(
             "learningRate",
             params.FloatParam,
-            default=DEFAULTS["learning_rate"],
+            default=_default("learningRate"),
             expertLevel=params.LEVEL_ADVANCED,
             label="Initial learning rate",
             help="Size of the first SGD steps (cryoSPARC default 0.4). Lower it if the map jumps between "
@@ -179,7 +206,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "sgdResolution",
             params.FloatParam,
-            default=DEFAULTS["sgd_resolution"],
+            default=_default("sgdResolution"),
             expertLevel=params.LEVEL_ADVANCED,
             label="SGD resolution limit (A)",
             help="Resolution at which stochastic gradient descent hands over to full passes over all particles "
@@ -188,7 +215,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "numberOfFinalPasses",
             params.IntParam,
-            default=DEFAULTS["n_final_passes"],
+            default=_default("numberOfFinalPasses"),
             expertLevel=params.LEVEL_ADVANCED,
             label="Number of full passes",
             help="Full passes over all particles after SGD; each refines every orientation and rebuilds the half "
@@ -197,7 +224,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "marginalise",
             params.BooleanParam,
-            default=True,
+            default=_default("marginalise"),
             expertLevel=params.LEVEL_ADVANCED,
             label="Marginalise over orientations",
             help="In the local passes, insert every particle at its most probable orientations and shifts around the "
@@ -207,7 +234,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "minResolution",
             params.FloatParam,
-            default=0.0,
+            default=_default("minResolution"),
             expertLevel=params.LEVEL_ADVANCED,
             label="Ignore resolutions lower than (A)",
             help="Leave out the lowest frequencies, coarser than this, when orientations are searched (helps "
@@ -216,7 +243,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "maskRadius",
             params.FloatParam,
-            default=0.0,
+            default=_default("maskRadius"),
             expertLevel=params.LEVEL_ADVANCED,
             label="Mask radius (A)",
             help="Radius of the soft spherical mask around the particle, in Angstrom. 0 chooses it from the box size.",
@@ -224,7 +251,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "randomSeed",
             params.IntParam,
-            default=0,
+            default=_default("randomSeed"),
             expertLevel=params.LEVEL_ADVANCED,
             label="Random seed",
             help="Seed of the random half-set split and of the random starting maps. The same seed on the "
@@ -243,7 +270,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         form.addParam(
             "gpuMemory",
             params.FloatParam,
-            default=0.0,
+            default=_default("gpuMemory"),
             expertLevel=params.LEVEL_ADVANCED,
             label="GPU memory to use (GB)",
             help="Upper limit for the engine's GPU memory; 0 lets it use what the GPU has free.",
@@ -264,47 +291,39 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
     def runEngineStep(self, args):
         """Run the engine. After a failure or a kill, Continue reruns the same command, which resumes from the
         engine's checkpoint in the same folder (finished work is not redone). If the parameters or the input
-        changed since the checkpoint was written, the engine starts over (--overwrite)."""
-        stamp_path = self._getExtraPath("engine_command.txt")
-        stamp = f"{args}\n{_file_digest(self._getExtraPath(cts.INPUT_STAR))}\n"
-        previous = open(stamp_path).read() if os.path.exists(stamp_path) else None
-        if previous is not None and previous != stamp:
-            self.info("The parameters or the input changed since the last engine run: starting the engine over.")
-            args = f"{args} --overwrite"
-        with open(stamp_path, "w") as f:
-            f.write(stamp)
+        changed since the checkpoint was written, the engine sees it and starts over (--restart-changed)."""
         self.runJob(self._engineProgram(), args, numberOfThreads=1, numberOfMpi=1)
 
     def createOutputStep(self):
         info = self._readRunInfo()
         if info.get("status") != "finished":
-            raise RuntimeError(f"The engine did not finish: {self._enginePath(cts.RUN_JSON)} is missing or incomplete")
+            path = self._enginePath(outputs.RUN_JSON)
+            raise RuntimeError(f"The engine did not finish: {path} is missing or incomplete")
         from ..convert.particles import fill_refined_sets, read_star_rows
 
         input_set = self.inputParticles.get()
         pixel_size = input_set.getSamplingRate()
 
         volume = Volume()
-        volume.setFileName(self._enginePath(cts.AVERAGE_MAP))
+        volume.setFileName(self._enginePath(outputs.MAP))
         volume.setSamplingRate(pixel_size)
-        volume.setHalfMaps([self._enginePath(cts.HALF_MAP_A), self._enginePath(cts.HALF_MAP_B)])
+        volume.setHalfMaps([self._enginePath(outputs.HALF_MAP_A), self._enginePath(outputs.HALF_MAP_B)])
 
         used = self._createSetOfParticles()
         used.copyInfo(input_set)
         used.setAlignmentProj()
         unused = self._createSetOfParticles(suffix="unused")
         unused.copyInfo(input_set)
-        rows = read_star_rows(self._enginePath(cts.PARTICLES_STAR))
+        rows = read_star_rows(self._enginePath(outputs.PARTICLES_STAR))
         n_used, n_unused = fill_refined_sets(input_set, used, unused, rows, pixel_size)
         if n_used != len(rows):
             raise RuntimeError(
-                f"{len(rows) - n_used} particle(s) in {self._enginePath(cts.PARTICLES_STAR)} have an rlnImageId "
+                f"{len(rows) - n_used} particle(s) in {self._enginePath(outputs.PARTICLES_STAR)} have an rlnImageId "
                 "that is not in the input set"
             )
 
         fsc = FSC(objLabel=self.getRunName())
-        fsc_rows = read_star_rows_fsc(self._enginePath(cts.FSC_STAR))
-        fsc.setData([r[0] for r in fsc_rows], [r[1] for r in fsc_rows])
+        fsc.setData(*outputs.fsc_curve(outputs.read_json(self._enginePath(outputs.FSC_JSON))))
 
         self._defineOutputs(outputVolume=volume)
         self._defineSourceRelation(self.inputParticles, volume)
@@ -325,44 +344,29 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         return self._getExtraPath(*names)
 
     def _readRunInfo(self) -> dict:
-        path = self._enginePath(cts.RUN_JSON)
         try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
+            return outputs.read_json(self._enginePath(outputs.RUN_JSON))
+        except outputs.OutputError:
             return {}
 
-    def _engineOptions(self) -> dict:
-        quick = bool(self.quickSchedule)
-        schedule = None if quick else True  # the quick schedule replaces iterations and minibatch sizes
-        options = {
-            "n-particles": int(self.numberOfParticles.get() or 0),
-            "initial-resolution": self.initialResolution.get(),
-            "max-resolution": self.maximumResolution.get() or None,
-            "n-initial-iterations": self.numberOfInitialIterations.get() if schedule else None,
-            "n-final-iterations": self.numberOfFinalIterations.get() if schedule else None,
-            "initial-batch": self.initialMinibatchSize.get() if schedule else None,
-            "final-batch": self.finalMinibatchSize.get() if schedule else None,
-            "learning-rate": self.learningRate.get(),
-            "sgd-resolution": self.sgdResolution.get(),
-            "n-final-passes": self.numberOfFinalPasses.get() if schedule else None,
-            "min-resolution": self.minResolution.get() or None,
-            "no-keep-split": not self.keepSplit,
-            "no-marginalise": not self.marginalise,
-            "seed": int(self.randomSeed.get()),
-            "device": "gpu" if self.usesGpu() else "cpu",
-            "gpu-mem": (self.gpuMemory.get() or None) if self.usesGpu() else None,
-            "mask-radius": self.maskRadius.get() or None,
-            "quick": quick,
-        }
-        return options
+    def _engineWords(self) -> list[str]:
+        """The engine's options for this form (through FORM_TO_SETTINGS and the settings' option names)."""
+        words = []
+        for form_name, (cls, name) in FORM_TO_SETTINGS.items():
+            if cls is DeviceSettings and not self.usesGpu():
+                continue
+            words += command_words(cls, name, _engine_value(form_name, getattr(self, form_name).get()))
+        words += command_words(DeviceSettings, "device", "gpu" if self.usesGpu() else "cpu")
+        if self.quickSchedule:
+            words.append("--quick")  # replaces the numbers of iterations and minibatch sizes
+        return words + ["--restart-changed"]
 
     def _engineArgs(self) -> str:
         return engine_run_args(
             os.path.abspath(self._getExtraPath(cts.INPUT_STAR)),
             os.path.abspath(self._getExtraPath()),
             image_root=os.path.abspath(self.getProject().getPath()) if self.getProject() else None,
-            options=self._engineOptions(),
+            words=self._engineWords(),
         )
 
     def _engineProgram(self) -> str:
@@ -413,9 +417,9 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         if n_use < 0:
             errors.append("'Number of particles to use' cannot be negative (0 means all particles).")
         used = min(size, n_use) if n_use > 0 else size
-        if used < cts.MIN_PARTICLES:
+        if used < MIN_PARTICLES:
             errors.append(
-                f"Only {used} particle(s) would be used; at least {cts.MIN_PARTICLES} are needed to make two "
+                f"Only {used} particle(s) would be used; at least {MIN_PARTICLES} are needed to make two "
                 "half sets, and a useful map needs thousands. Use more particles."
             )
         x, y, _ = particles.getDimensions() or (0, 0, 0)
@@ -503,7 +507,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         size = particles.getSize()
         n_use = self.numberOfParticles.get() or 0
         used = min(size, n_use) if n_use > 0 else size
-        if cts.MIN_PARTICLES <= used < 1000:
+        if MIN_PARTICLES <= used < 1000:
             warnings.append(
                 f"Only {used} particles will be used: expect a noisy, low-resolution map (ab initio usually "
                 "needs thousands of particles)."
@@ -557,21 +561,3 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
 
     def _citations(self):
         return ["Kim2025", "Punjani2017", "Toader2025", "Scheres2012", "Rosenthal2003"]
-
-
-def _file_digest(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_star_rows_fsc(star_file: str) -> list[tuple[float, float]]:
-    """(1/A, FSC) pairs of the engine's fsc.star."""
-    from ..engine.star import read_star
-
-    block = next(iter(read_star(star_file).values()))
-    return list(zip(block.floats("rlnResolution").tolist(), block.floats("rlnFourierShellCorrelation").tolist()))

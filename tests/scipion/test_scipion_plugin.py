@@ -70,8 +70,8 @@ def test_engine_command_is_shell_safe(tmp_path):
     star = str(weird / "input particles.star")
     out = str(weird / "out")
     program = engine_program(str(fake_python), threads=3, gpus=[1])
-    options = {"seed": "1; touch PWNED4", "quick": True, "x": None}
-    args = engine_run_args(star, out, image_root=str(weird), options=options)
+    words = ["--seed", "1; touch PWNED4", "--quick"]
+    args = engine_run_args(star, out, image_root=str(weird), words=words)
     result = subprocess.run(f"{program} {args}", shell=True, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     argv = json.loads(result.stdout)

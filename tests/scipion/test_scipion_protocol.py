@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fixtures import write_cryosparc_cs
 from habinit_plugin.engine.particles import load_particles, write_particles_star
-from habinit_plugin.engine.so3 import euler_to_matrix, matrix_to_rotvec
+from habinit_plugin.engine.so3 import euler_to_matrix
 from habinit_plugin.engine.star import read_star
 
 PIXEL_SIZE = 3.6
@@ -305,41 +306,8 @@ def test_cryosparc_cs_derived_set(project, sim32, tmp_path):
     folder.mkdir()
     shutil.copy(sim32["stack"], folder / "J12_particles.mrcs")
     n = len(gt)
-    cs = np.zeros(
-        n,
-        dtype=[
-            ("uid", "<u8"),
-            ("blob/path", "S64"),
-            ("blob/idx", "<u4"),
-            ("blob/shape", "<u4", (2,)),
-            ("blob/psize_A", "<f4"),
-            ("ctf/accel_kv", "<f4"),
-            ("ctf/cs_mm", "<f4"),
-            ("ctf/amp_contrast", "<f4"),
-            ("ctf/df1_A", "<f4"),
-            ("ctf/df2_A", "<f4"),
-            ("ctf/df_angle_rad", "<f4"),
-            ("alignments3D/pose", "<f4", (3,)),
-            ("alignments3D/shift", "<f4", (2,)),
-            ("alignments3D/psize_A", "<f4"),
-            ("alignments3D/split", "<u4"),
-        ],
-    )
-    cs["uid"] = np.arange(n) + 10**15
-    cs["blob/path"] = b"J12_particles.mrcs"
-    cs["blob/idx"] = gt.slice_of
-    cs["blob/shape"] = gt.box
-    cs["blob/psize_A"] = gt.pixel_size
-    cs["ctf/accel_kv"], cs["ctf/cs_mm"], cs["ctf/amp_contrast"] = 300, 2.7, 0.1
-    cs["ctf/df1_A"], cs["ctf/df2_A"] = gt.ctf.defocus_u, gt.ctf.defocus_v
-    cs["ctf/df_angle_rad"] = np.deg2rad(gt.ctf.defocus_angle)
-    cs["alignments3D/pose"] = matrix_to_rotvec(np.swapaxes(gt.rotations, 1, 2))
-    cs["alignments3D/shift"] = gt.shifts
-    cs["alignments3D/psize_A"] = gt.pixel_size
     split = np.random.default_rng(1).integers(0, 2, n)
-    cs["alignments3D/split"] = split
-    with open(folder / "J12_particles.cs", "wb") as f:
-        np.save(f, cs)
+    write_cryosparc_cs(folder / "J12_particles.cs", gt, "J12_particles.mrcs", split=split, uid_start=10**15, uid_step=1)
 
     derived = load_particles(folder / "J12_particles.cs")
     write_particles_star(folder / "J12_particles.star", derived)

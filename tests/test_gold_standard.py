@@ -15,35 +15,20 @@ import mrcfile
 import numpy as np
 import pytest
 
-from habinit_plugin.engine import density, outputs
-from habinit_plugin.engine.abinit import AbinitSettings
+from fixtures import TINY, TINY_PIXEL_SIZE
+from habinit_plugin.engine import jobs
 from habinit_plugin.engine.checkpoint import CheckpointError
+from habinit_plugin.engine.gold_standard import GoldStandardJob
 from habinit_plugin.engine.jobs import gold_standard_job
 from habinit_plugin.engine.particles import load_particles
-from habinit_plugin.engine.refine import GoldStandardJob, JobSettings
-from habinit_plugin.engine.simulate import SimulationSettings, simulate_dataset
+from habinit_plugin.engine.settings import AbinitSettings, JobSettings
 from habinit_plugin.engine.star import read_star, write_star
 
-PIXEL_SIZE = 3.6
-TINY = {
-    "n_initial_iterations": 12,
-    "n_final_iterations": 4,
-    "initial_batch": 24,
-    "final_batch": 40,
-    "n_final_passes": 2,
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
-    """160 particles of the bundled protein, box 32, SNR 1."""
-    out = tmp_path_factory.mktemp("tiny")
-    volume = density.bundled_protein_map(32, PIXEL_SIZE)
-    return simulate_dataset(volume, PIXEL_SIZE, out, SimulationSettings(n_particles=160, snr=1.0, seed=5))
+PIXEL_SIZE = TINY_PIXEL_SIZE
 
 
 def _settings(**job) -> JobSettings:
-    return JobSettings(abinit=AbinitSettings(**TINY), align_every=6, checkpoint_seconds=0.0, **job)
+    return JobSettings(abinit=AbinitSettings(**TINY), align_every=6, checkpoint_minutes=0.0, **job)
 
 
 def _copy_with_changed_pixels(paths, folder: Path, rows: np.ndarray) -> Path:
@@ -157,16 +142,16 @@ def test_killed_run_resumes(tiny_set, tmp_path):
 
 def test_kill_while_writing_outputs_leaves_nothing_complete(tiny_set, tmp_path, monkeypatch):
     particles = str(tiny_set["particles"])
-    gold_standard_job(particles, tmp_path, _settings(), log=lambda m: None)
+    gold_standard_job(particles, tmp_path, _settings())
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(outputs.plots, "write_pngs", killed)
+    monkeypatch.setattr(jobs.plots, "write_pngs", killed)
     os.remove(tmp_path / "run.json")  # as after a kill before the outputs were complete
     with pytest.raises(KeyboardInterrupt):
-        gold_standard_job(particles, tmp_path, _settings(), log=lambda m: None, overwrite=False)
+        gold_standard_job(particles, tmp_path, _settings(), overwrite=False)
     assert not (tmp_path / "run.json").exists()  # the maps on disk do not pass for a finished result
 
 
@@ -202,7 +187,7 @@ def _with_split(paths, folder: Path, values) -> Path:
 @pytest.mark.parametrize(
     "values, message",
     [
-        (lambda n: [1] * (n - 1) + [2], "at least 2 per half set"),
+        (lambda n: [1] * (n - 1) + [2], "at least 10 per half set"),
         (lambda n: [1, 2, 3] * (n // 3) + [1] * (n % 3), "must be 1 or 2"),
     ],
 )
