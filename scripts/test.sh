@@ -4,4 +4,4 @@
 # protocol tests run a headless Scipion project; without it they skip.
 HABINIT_EXTRAS=test,scipion
 source "$(dirname "$0")/env.sh"
-exec .venv/bin/python -m pytest -q tests "$@"
+exec .venv/bin/python -m pytest -q --durations=15 tests "$@"

@@ -113,22 +113,32 @@ def run_reconstruct(args) -> dict:
 # ----------------------------------------------------------------------------- fsc
 
 
-def add_fsc(sub) -> None:
-    p = sub.add_parser("fsc", help="FSC of two maps, resolution at 0.5 and 0.143")
-    p.add_argument("map_a")
-    p.add_argument("map_b")
-    p.add_argument("--mask", help="MRC mask multiplied into both maps")
-    p.add_argument("--json", help="write the curve and resolutions to this JSON file")
-    p.set_defaults(func=run_fsc)
+def _add_two_maps(p) -> None:
+    p.add_argument("map_a", help="MRC map (the reference)")
+    p.add_argument("map_b", help="MRC map of the same box and pixel size")
 
 
-def run_fsc(args) -> dict:
+def _read_two_maps(args) -> tuple[np.ndarray, np.ndarray, float]:
+    """Maps A and B of the command line and their pixel size; a clear error when they do not match."""
     a, pixel_size = read_map(args.map_a)
     b, pixel_b = read_map(args.map_b)
     if a.shape != b.shape:
         raise ValueError(f"{args.map_a} {a.shape} and {args.map_b} {b.shape} differ in box size")
     if abs(pixel_size - pixel_b) > 1e-3 * pixel_size:
         raise ValueError(f"{args.map_a} ({pixel_size:g} A/px) and {args.map_b} ({pixel_b:g} A/px) differ in pixel size")
+    return a, b, pixel_size
+
+
+def add_fsc(sub) -> None:
+    p = sub.add_parser("fsc", help="FSC of two maps, resolution at 0.5 and 0.143")
+    _add_two_maps(p)
+    p.add_argument("--mask", help="MRC mask multiplied into both maps")
+    p.add_argument("--json", help="write the curve and resolutions to this JSON file")
+    p.set_defaults(func=run_fsc)
+
+
+def run_fsc(args) -> dict:
+    a, b, pixel_size = _read_two_maps(args)
     mask = read_map(args.mask)[0] if args.mask else None
     if mask is not None and mask.shape != a.shape:
         raise ValueError(f"mask {args.mask} {mask.shape} does not match the maps {a.shape}")
@@ -275,23 +285,19 @@ def add_abinit(sub) -> None:
 
 def run_abinit(args) -> dict:
     device = settings_from_arguments(args, DeviceSettings)
-    return single_abinit_job(args.particles, args.out, _abinit_settings(args), device, args.save_every, args.image_root)
+    return single_abinit_job(args.particles, args.out, _abinit_settings(args), args.image_root, device, args.save_every)
 
 
 def add_align(sub) -> None:
     p = sub.add_parser("align", help="align map B onto map A (rotation, shift and hand)")
-    p.add_argument("map_a")
-    p.add_argument("map_b")
+    _add_two_maps(p)
     p.add_argument("--out", help="write map B, aligned, to this MRC file")
     p.add_argument("--no-mirror", action="store_true", help="do not try the other hand")
     p.set_defaults(func=run_align)
 
 
 def run_align(args) -> dict:
-    a, pixel_size = read_map(args.map_a)
-    b, _ = read_map(args.map_b)
-    if a.shape != b.shape:
-        raise ValueError(f"{args.map_a} {a.shape} and {args.map_b} {b.shape} differ in box size")
+    a, b, pixel_size = _read_two_maps(args)
     alignment = align_maps(a, b, pixel_size, AlignSettings(allow_mirror=not args.no_mirror))
     angles = matrix_to_euler(alignment.rotation[None])[0]
     aligned = transform_map(b, alignment)

@@ -20,22 +20,23 @@ import numpy as np
 from .backend import array_module, fft_kwargs, fft_module
 
 
-def centered_fftn(x, axes=None):
-    """FFT with the phase origin at index N//2 and zero frequency at index N//2."""
+def _centered(transform: str, x, axes):
+    """``fftn`` or ``ifftn`` of x with the phase origin and the zero frequency at index N//2."""
     xp = array_module(x)
     fft = fft_module(xp)
     axes = tuple(range(x.ndim)) if axes is None else axes
     shifted = fft.ifftshift(x, axes=axes)
-    return fft.fftshift(fft.fftn(shifted, axes=axes, **fft_kwargs(xp)), axes=axes)
+    return fft.fftshift(getattr(fft, transform)(shifted, axes=axes, **fft_kwargs(xp)), axes=axes)
+
+
+def centered_fftn(x, axes=None):
+    """FFT with the phase origin at index N//2 and zero frequency at index N//2."""
+    return _centered("fftn", x, axes)
 
 
 def centered_ifftn(x, axes=None):
     """Inverse of :func:`centered_fftn` (complex output)."""
-    xp = array_module(x)
-    fft = fft_module(xp)
-    axes = tuple(range(x.ndim)) if axes is None else axes
-    shifted = fft.ifftshift(x, axes=axes)
-    return fft.fftshift(fft.ifftn(shifted, axes=axes, **fft_kwargs(xp)), axes=axes)
+    return _centered("ifftn", x, axes)
 
 
 def image_rfft(images):

@@ -94,9 +94,7 @@ class GoldStandardJob:
     memory_limit_bytes: the GPU memory budget chunk sizes are chosen from (None: no limit).
     """
 
-    def __init__(
-        self, particles: ParticleSet, settings: JobSettings, out: str | Path, xp=np, memory_limit_bytes=None
-    ):
+    def __init__(self, particles: ParticleSet, settings: JobSettings, out: str | Path, xp=np, memory_limit_bytes=None):
         self.particles = particles
         self.settings = settings
         self.out = Path(out)

@@ -62,6 +62,13 @@ def open_device(device: DeviceSettings):
     return xp, set_gpu_memory_limit(xp, device.gpu_mem_GB)
 
 
+def open_job(particles_path: str, image_root: str | None, device: DeviceSettings, settings: AbinitSettings):
+    """(array module, GPU memory limit, particles, settings with the maximum resolution clamped, warnings)."""
+    xp, limit = open_device(device)
+    particles = load_particles(particles_path, image_root=image_root)
+    return (xp, limit, particles, *clamp_max_resolution(settings, particles.pixel_size))
+
+
 def clamp_max_resolution(settings: AbinitSettings, pixel_size: float) -> tuple[AbinitSettings, list[str]]:
     """The settings with a maximum resolution finer than Nyquist removed, and the warnings given."""
     nyquist = 2.0 * pixel_size
@@ -122,9 +129,7 @@ def gold_standard_job(
     particles or parameters) instead of refusing it.
     """
     t0 = time.time()
-    xp, limit = open_device(device)
-    particles = load_particles(particles_path, image_root=image_root)
-    abinit, warnings = clamp_max_resolution(settings.abinit, particles.pixel_size)
+    xp, limit, particles, abinit, warnings = open_job(particles_path, image_root, device, settings.abinit)
     settings = replace(settings, abinit=abinit)
     out = Path(out)
     job = GoldStandardJob(particles, settings, out, xp=xp, memory_limit_bytes=limit)
@@ -206,15 +211,14 @@ def single_abinit_job(
     particles_path: str,
     out: str | Path,
     settings: AbinitSettings,
+    image_root: str | None = None,
     device: DeviceSettings = CPU,
     save_every: int = 50,
-    image_root: str | None = None,
 ) -> dict:
-    """``habinit abinit``: one map from every given particle (no half sets)."""
+    """``habinit abinit``: one map from every given particle (no half sets), written every ``save_every``
+    SGD iterations."""
     t0 = time.time()
-    xp, limit = open_device(device)
-    particles = load_particles(particles_path, image_root=image_root)
-    settings, warnings = clamp_max_resolution(settings, particles.pixel_size)
+    xp, limit, particles, settings, warnings = open_job(particles_path, image_root, device, settings)
     if len(particles) < 2:
         raise ValueError(f"{particles_path}: ab initio needs at least 2 particles, found {len(particles)}")
     out = Path(out)

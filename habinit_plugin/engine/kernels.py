@@ -25,8 +25,15 @@ from .backend import array_module
 from .trilinear import backproject_expressions, project_expressions
 
 _SOURCE = r"""
-__device__ __forceinline__ void cell(const float* c, long long i, int size, float oversampling,
-                                     long long* base, float* fx, float* fy, float* fz) {
+// The trilinear cell of point i: the flat index of each of its 4 (y, z) rows, the weight of
+// the row and the fractional x offset (the row's two voxels are index and index + 1).
+struct Cell {
+    long long row[4];
+    float weight[4];
+    float fx;
+};
+
+__device__ __forceinline__ Cell cell(const float* c, long long i, int size, float oversampling) {
     const float half = (float)(size / 2);
     const float top = (float)((double)size - 1.001);
     float g[3];
@@ -37,87 +44,87 @@ __device__ __forceinline__ void cell(const float* c, long long i, int size, floa
         i0[a] = (int)v;
         g[a] = __fsub_rn(v, (float)i0[a]);
     }
-    *base = ((long long)i0[2] * size + i0[1]) * size + i0[0];
-    *fx = g[0]; *fy = g[1]; *fz = g[2];
-}
-
-extern "C" __global__ void project_c64(const float2* grid, const float* coords, float2* out,
-                                       long long n, int size, float oversampling) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    long long base; float fx, fy, fz;
-    cell(coords, i, size, oversampling, &base, &fx, &fy, &fz);
+    const long long base = ((long long)i0[2] * size + i0[1]) * size + i0[0];
     const long long s1 = size, s2 = (long long)size * size;
-    const float gx = 1.0f - fx;
-    float2 acc = make_float2(0.0f, 0.0f);
+    Cell out;
+    out.fx = g[0];
     for (int dz = 0; dz < 2; ++dz) {
         for (int dy = 0; dy < 2; ++dy) {
-            float w = (dz ? fz : 1.0f - fz) * (dy ? fy : 1.0f - fy);
-            long long k = base + dz * s2 + dy * s1;
-            float2 lo = grid[k], hi = grid[k + 1];
-            acc.x += (lo.x * gx + hi.x * fx) * w;
-            acc.y += (lo.y * gx + hi.y * fx) * w;
+            out.row[2 * dz + dy] = base + dz * s2 + dy * s1;
+            out.weight[2 * dz + dy] = (dz ? g[2] : 1.0f - g[2]) * (dy ? g[1] : 1.0f - g[1]);
         }
     }
+    return out;
+}
+
+// this thread's point i and its cell; false past the last point
+__device__ __forceinline__ bool thread_cell(const float* coords, long long n, int size, float oversampling,
+                                            long long& i, Cell& p) {
+    i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return false;
+    p = cell(coords, i, size, oversampling);
+    return true;
+}
+
+// a voxel pair of a row, interpolated in x; a weighted value added to the sum or the grid
+__device__ __forceinline__ float lerp(float lo, float hi, float gx, float fx) { return lo * gx + hi * fx; }
+__device__ __forceinline__ float2 lerp(float2 lo, float2 hi, float gx, float fx) {
+    return make_float2(lo.x * gx + hi.x * fx, lo.y * gx + hi.y * fx);
+}
+__device__ __forceinline__ void accumulate(float& acc, float x, float w) { acc += x * w; }
+__device__ __forceinline__ void accumulate(float2& acc, float2 x, float w) {
+    acc.x += x.x * w;
+    acc.y += x.y * w;
+}
+__device__ __forceinline__ void add_to(float* grid, long long k, float v, float w) { atomicAdd(grid + k, v * w); }
+__device__ __forceinline__ void add_to(float* grid, long long k, float2 v, float w) {  // grid: (re, im) pairs
+    atomicAdd(grid + 2 * k, v.x * w);
+    atomicAdd(grid + 2 * k + 1, v.y * w);
+}
+
+template <typename T>
+__device__ __forceinline__ void project(const T* grid, const float* coords, T* out, long long n, int size,
+                                        float oversampling) {
+    long long i;
+    Cell p;
+    if (!thread_cell(coords, n, size, oversampling, i, p)) return;
+    const float gx = 1.0f - p.fx;
+    T acc{};
+    for (int r = 0; r < 4; ++r) accumulate(acc, lerp(grid[p.row[r]], grid[p.row[r] + 1], gx, p.fx), p.weight[r]);
     out[i] = acc;
 }
 
-extern "C" __global__ void project_f32(const float* grid, const float* coords, float* out,
-                                       long long n, int size, float oversampling) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    long long base; float fx, fy, fz;
-    cell(coords, i, size, oversampling, &base, &fx, &fy, &fz);
-    const long long s1 = size, s2 = (long long)size * size;
-    const float gx = 1.0f - fx;
-    float acc = 0.0f;
-    for (int dz = 0; dz < 2; ++dz) {
-        for (int dy = 0; dy < 2; ++dy) {
-            float w = (dz ? fz : 1.0f - fz) * (dy ? fy : 1.0f - fy);
-            long long k = base + dz * s2 + dy * s1;
-            acc += (grid[k] * gx + grid[k + 1] * fx) * w;
-        }
-    }
-    out[i] = acc;
-}
-
-extern "C" __global__ void backproject_c64(const float2* values, const float* coords, float* grid,
-                                           long long n, int size, float oversampling) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    long long base; float fx, fy, fz;
-    cell(coords, i, size, oversampling, &base, &fx, &fy, &fz);
-    const long long s1 = size, s2 = (long long)size * size;
-    const float2 v = values[i];
-    for (int dz = 0; dz < 2; ++dz) {
-        for (int dy = 0; dy < 2; ++dy) {
-            float w = (dz ? fz : 1.0f - fz) * (dy ? fy : 1.0f - fy);
-            long long k = 2 * (base + dz * s2 + dy * s1);
-            float wx0 = w * (1.0f - fx), wx1 = w * fx;
-            atomicAdd(grid + k, v.x * wx0);
-            atomicAdd(grid + k + 1, v.y * wx0);
-            atomicAdd(grid + k + 2, v.x * wx1);
-            atomicAdd(grid + k + 3, v.y * wx1);
-        }
+template <typename T>
+__device__ __forceinline__ void backproject(const T* values, const float* coords, float* grid, long long n, int size,
+                                            float oversampling) {
+    Cell p;
+    long long i;
+    if (!thread_cell(coords, n, size, oversampling, i, p)) return;
+    const T v = values[i];
+    for (int r = 0; r < 4; ++r) {
+        add_to(grid, p.row[r], v, p.weight[r] * (1.0f - p.fx));
+        add_to(grid, p.row[r] + 1, v, p.weight[r] * p.fx);
     }
 }
 
-extern "C" __global__ void backproject_f32(const float* values, const float* coords, float* grid,
-                                           long long n, int size, float oversampling) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    long long base; float fx, fy, fz;
-    cell(coords, i, size, oversampling, &base, &fx, &fy, &fz);
-    const long long s1 = size, s2 = (long long)size * size;
-    const float v = values[i];
-    for (int dz = 0; dz < 2; ++dz) {
-        for (int dy = 0; dy < 2; ++dy) {
-            float w = (dz ? fz : 1.0f - fz) * (dy ? fy : 1.0f - fy);
-            long long k = base + dz * s2 + dy * s1;
-            atomicAdd(grid + k, v * (w * (1.0f - fx)));
-            atomicAdd(grid + k + 1, v * (w * fx));
-        }
-    }
+extern "C" __global__ void project_c64(const float2* grid, const float* coords, float2* out, long long n, int size,
+                                       float oversampling) {
+    project(grid, coords, out, n, size, oversampling);
+}
+
+extern "C" __global__ void project_f32(const float* grid, const float* coords, float* out, long long n, int size,
+                                       float oversampling) {
+    project(grid, coords, out, n, size, oversampling);
+}
+
+extern "C" __global__ void backproject_c64(const float2* values, const float* coords, float* grid, long long n,
+                                           int size, float oversampling) {
+    backproject(values, coords, grid, n, size, oversampling);
+}
+
+extern "C" __global__ void backproject_f32(const float* values, const float* coords, float* grid, long long n,
+                                           int size, float oversampling) {
+    backproject(values, coords, grid, n, size, oversampling);
 }
 """
 

@@ -239,5 +239,3 @@ class StagedSum:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-

@@ -326,20 +326,9 @@ def _particle_set(path: str, table: StarBlock, optics: StarBlock, image_root) ->
         else:
             shifts = np.zeros((n, 2))
     half_set = table.ints("rlnRandomSubset") if table.has("rlnRandomSubset") else None
+    # in the order of ParticleSet's fields
     return ParticleSet(
-        source=path,
-        ids=ids,
-        stacks=stacks,
-        stack_of=stack_of,
-        slice_of=slices,
-        pixel_size=pixel_size,
-        box=box,
-        ctf=ctf,
-        rotations=rotations,
-        shifts=shifts,
-        half_set=half_set,
-        table=table,
-        optics=optics,
+        path, ids, stacks, stack_of, slices, pixel_size, box, ctf, rotations, shifts, half_set, table, optics
     )
 
 

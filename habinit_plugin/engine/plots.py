@@ -50,25 +50,15 @@ def draw_history(figure, run_info: dict) -> None:
     passes = [h for h in history if str(h.get("phase", "sgd")) != "sgd"]
     ax = figure.add_subplot(111)
     if history:
-        if sgd:
-            ax.plot([h["iteration"] for h in sgd], [h["resolution_0143"] for h in sgd], "o-", label="SGD, FSC 0.143")
-        if passes:
-            ax.plot(
-                [h["iteration"] for h in passes],
-                [h["resolution_0143"] for h in passes],
-                "s-",
-                color="tab:green",
-                label="after each full pass, FSC 0.143",
-            )
         working = [h for h in sgd if h.get("working_resolution")]
-        if working:
-            ax.plot(
-                [h["iteration"] for h in working],
-                [h["working_resolution"] for h in working],
-                "--",
-                color="tab:orange",
-                label="resolution used for alignment",
-            )
+        curves = (
+            (sgd, "resolution_0143", "o-", "tab:blue", "SGD, FSC 0.143"),
+            (passes, "resolution_0143", "s-", "tab:green", "after each full pass, FSC 0.143"),
+            (working, "working_resolution", "--", "tab:orange", "resolution used for alignment"),
+        )
+        for rows, key, style, colour, label in curves:
+            if rows:
+                ax.plot([h["iteration"] for h in rows], [h[key] for h in rows], style, color=colour, label=label)
         ax.invert_yaxis()
         ax.legend(fontsize=8)
     else:

@@ -183,18 +183,9 @@ def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSe
         candidates = grid_rotations(level, children.reshape(-1)).reshape(n_images, -1, 8, 3, 3)
         band = batch.band(_band_radius(settings, level), settings.min_radius)
         deltas = shift_grid(step * 1.5, step)  # 3 x 3 neighbourhood at the new step
-        best, new_origins, energies = _refine_candidates(
-            grid,
-            oversampling,
-            batch,
-            band,
-            candidates,
-            origins,
-            deltas,
-            _device_chunk(xp, settings.chunk, settings.device_bytes, candidates.shape[1:3], band),
-            settings.max_shift_px,
-            settings.scale_invariant,
-        )
+        invariant = settings.scale_invariant
+        scored = _refine_candidates(grid, oversampling, batch, band, candidates, origins, deltas, settings, invariant)
+        best, new_origins, energies = scored
         k_parent, r_child = np.divmod(best, 8 * len(deltas))
         index = np.take_along_axis(children.reshape(n_images, -1), k_parent * 8 + r_child % 8, axis=1)
         origins = new_origins
@@ -205,10 +196,10 @@ def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSe
 
 
 def _refine_candidates(
-    grid, oversampling, batch, band, candidates, origins, deltas, chunk, max_shift, scale_invariant=False, keep=None
+    grid, oversampling, batch, band, candidates, origins, deltas, settings, scale_invariant=False, keep=None
 ):
-    """Score candidates (B, K, R, 3, 3) with origins (B, K, 2) + deltas (D, 2), ``chunk`` images
-    at a time; keep the best ``keep`` (default K).
+    """Score candidates (B, K, R, 3, 3) with origins (B, K, 2) + deltas (D, 2); keep the best
+    ``keep`` (default K). From ``settings``: the largest shift and the images per chunk.
 
     Returns flat indices into (K, D, R) per image (B, keep), the new origins (B, keep, 2)
     and energies (B, keep) (host arrays).
@@ -222,6 +213,7 @@ def _refine_candidates(
     best = np.empty((n_images, beam), dtype=np.int64)
     new_origins = np.empty((n_images, beam, 2))
     energies = np.empty((n_images, beam))
+    chunk = _device_chunk(xp, settings.chunk, settings.device_bytes, (n_parents, n_rot), band)
     for start in range(0, n_images, chunk):
         rows = slice(start, min(start + chunk, n_images))
         b = rows.stop - rows.start
@@ -230,11 +222,11 @@ def _refine_candidates(
         centre_ramps = phase_shift(freqs, xp.asarray(origins[rows]), batch.box)
         e = _local_energies(batch, band, proj, centre_ramps, delta_ramps, rows, scale_invariant)  # (b, K, D, R)
         moved = origins[rows][:, :, None, :] + deltas[None, None, :, :]  # (b, K, D, 2)
-        # beyond max_shift only moves back inwards are allowed (an origin may start outside,
+        # beyond max_shift_px only moves back inwards are allowed (an origin may start outside,
         # e.g. after the half maps were aligned)
         distance = np.hypot(moved[..., 0], moved[..., 1])
         start = np.hypot(origins[rows][..., 0], origins[rows][..., 1])[:, :, None]
-        outside = (distance > max_shift + 1e-6) & (distance > start + 1e-6)
+        outside = (distance > settings.max_shift_px + 1e-6) & (distance > start + 1e-6)
         e = e + xp.asarray(np.where(outside, np.inf, 0.0)[..., None], dtype=e.dtype)
         top, vals = _top_k(e.reshape(b, -1), beam)
         top = to_numpy(top)
@@ -300,18 +292,11 @@ def neighbourhood_search(
     candidates = np.einsum("pij,bjl->bpil", perturb, np.asarray(rotations, dtype=np.float64))[:, None]
     deltas = shift_grid(settings.shift_radius_px, settings.shift_step_px)
     band = batch.band(settings.radius, settings.min_radius)
-    best, new_origins, energies = _refine_candidates(
-        grid,
-        oversampling,
-        batch,
-        band,
-        candidates,
-        np.asarray(origins, dtype=np.float64)[:, None],
-        deltas,
-        _device_chunk(array_module(grid), settings.chunk, settings.device_bytes, candidates.shape[1:3], band),
-        settings.max_shift_px,
-        keep=settings.keep,
+    starts = np.asarray(origins, dtype=np.float64)[:, None]
+    scored = _refine_candidates(
+        grid, oversampling, batch, band, candidates, starts, deltas, settings, keep=settings.keep
     )
+    best, new_origins, energies = scored
     r_idx = best % len(perturb)
     kept = np.take_along_axis(candidates[:, 0], r_idx[:, :, None, None], axis=1)
     return SearchResult(kept, new_origins, energies - energies[:, :1])

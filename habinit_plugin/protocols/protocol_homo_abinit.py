@@ -50,6 +50,93 @@ FORM_TO_SETTINGS = {
 }
 
 
+# The form's label and help of each engine parameter; "{default}" is the engine's default.
+FORM_TEXT = {
+    "numberOfParticles": (
+        "Number of particles to use",
+        "How many particles to use, the first ones of the input set (as in cryoSPARC); 0 uses all "
+        "of them. The others come out as 'unused particles'. Ab initio does not need every particle, but "
+        "the final resolution improves with more.",
+    ),
+    "keepSplit": (
+        "Keep the input half-set split?",
+        "If the particles already carry a half-set label (_rlnRandomSubset 1/2, e.g. from a previous "
+        "RELION or cryoSPARC refinement), keep it so that later refinements stay gold-standard. "
+        "Otherwise the particles are split at random.",
+    ),
+    "initialResolution": (
+        "Initial resolution (A)",
+        "Resolution at which the reconstruction starts. The map is built from low resolution "
+        "(large numbers) towards high resolution; starting coarse avoids locking in noise.",
+    ),
+    "maximumResolution": (
+        "Maximum resolution (A)",
+        "Highest resolution used to align particles. 0 means the Nyquist limit (twice the "
+        "pixel size). A gold-standard FSC is computed regardless, so this is a cap, not a target.",
+    ),
+    "numberOfInitialIterations": (
+        "Number of initial iterations",
+        "Iterations at the initial minibatch size while the resolution is still low (cryoSPARC default 200; "
+        "here {default}).",
+    ),
+    "numberOfFinalIterations": (
+        "Number of final iterations",
+        "SGD iterations at the final minibatch size, after the initial ones (cryoSPARC's ab initio uses "
+        "300; here {default}). Full passes over all particles follow.",
+    ),
+    "initialMinibatchSize": (
+        "Initial minibatch size",
+        "Particles per SGD iteration at the start. Small batches make the early, noisy steps "
+        "that let ab initio escape wrong solutions (cryoSPARC default 90; here {default}).",
+    ),
+    "finalMinibatchSize": (
+        "Final minibatch size",
+        "Particles per SGD iteration at the end. Larger batches give smoother, more precise "
+        "updates at high resolution (cryoSPARC default 300; here {default}).",
+    ),
+    "learningRate": (
+        "Initial learning rate",
+        "Size of the first SGD steps (cryoSPARC default 0.4). Lower it if the map jumps between "
+        "very different shapes; values of 1 or more are rarely useful.",
+    ),
+    "sgdResolution": (
+        "SGD resolution limit (A)",
+        "Resolution at which stochastic gradient descent hands over to full passes over all particles "
+        "(orientation search on every particle, then a direct reconstruction of each half map).",
+    ),
+    "numberOfFinalPasses": (
+        "Number of full passes",
+        "Full passes over all particles after SGD; each refines every orientation and rebuilds the half "
+        "maps, raising the resolution towards the maximum.",
+    ),
+    "marginalise": (
+        "Marginalise over orientations",
+        "In the local passes, insert every particle at its most probable orientations and shifts around the "
+        "best one, weighted by their probabilities, as RELION does. At low SNR this gives a markedly better map "
+        "than the best orientation alone; 'No' makes the local passes about twice as fast.",
+    ),
+    "minResolution": (
+        "Ignore resolutions lower than (A)",
+        "Leave out the lowest frequencies, coarser than this, when orientations are searched (helps "
+        "small particles in detergent or lipid); 0 uses everything.",
+    ),
+    "maskRadius": (
+        "Mask radius (A)",
+        "Radius of the soft spherical mask around the particle, in Angstrom. 0 chooses it from the box size.",
+    ),
+    "randomSeed": (
+        "Random seed",
+        "Seed of the random half-set split and of the random starting maps. The same seed on the "
+        "same data gives the same result; try another seed to check that the map is reproducible.",
+    ),
+    "gpuMemory": (
+        "GPU memory to use (GB)",
+        "Upper limit for the engine's GPU memory; 0 lets it use what the GPU has free.",
+    ),
+}
+BASIC_PARAMS = ("numberOfParticles", "keepSplit", "initialResolution", "maximumResolution")
+
+
 def _default(form_name: str):
     """The engine's default of a form parameter (0 where the engine's is None: 'chosen by the engine')."""
     value = default_of(*FORM_TO_SETTINGS[form_name])
@@ -60,6 +147,15 @@ def _engine_value(form_name: str, value):
     """A form value as the engine takes it: 0 means None (Nyquist, automatic) where the engine's default is None."""
     cls, name = FORM_TO_SETTINGS[form_name]
     return None if default_of(cls, name) is None and not value else value
+
+
+def _add_engine_param(form, name: str) -> None:
+    """The form parameter ``name``: its kind and default from the engine's settings, its text from FORM_TEXT."""
+    default = _default(name)
+    kind = {bool: params.BooleanParam, int: params.IntParam}.get(type(default), params.FloatParam)
+    label, text = FORM_TEXT[name]
+    level = params.LEVEL_NORMAL if name in BASIC_PARAMS else params.LEVEL_ADVANCED
+    form.addParam(name, kind, default=default, expertLevel=level, label=label, help=text.format(default=default))
 
 
 MRC_EXTENSIONS = (".mrc", ".mrcs", ".st", ".map")
@@ -122,141 +218,12 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             help="Particles with CTF information, usually the particles of the good classes of a 2D "
             "classification. No reference volume is needed: the map is built from the particles alone.",
         )
-        form.addParam(
-            "numberOfParticles",
-            params.IntParam,
-            default=_default("numberOfParticles"),
-            label="Number of particles to use",
-            help="How many particles to use, the first ones of the input set (as in cryoSPARC); 0 uses all "
-            "of them. The others come out as 'unused particles'. Ab initio does not need every particle, but "
-            "the final resolution improves with more.",
-        )
-        form.addParam(
-            "keepSplit",
-            params.BooleanParam,
-            default=_default("keepSplit"),
-            label="Keep the input half-set split?",
-            help="If the particles already carry a half-set label (_rlnRandomSubset 1/2, e.g. from a previous "
-            "RELION or cryoSPARC refinement), keep it so that later refinements stay gold-standard. "
-            "Otherwise the particles are split at random.",
-        )
-
+        for name in ("numberOfParticles", "keepSplit"):
+            _add_engine_param(form, name)
         form.addSection(label="Ab initio")
-        form.addParam(
-            "initialResolution",
-            params.FloatParam,
-            default=_default("initialResolution"),
-            label="Initial resolution (A)",
-            help="Resolution at which the reconstruction starts. The map is built from low resolution "
-            "(large numbers) towards high resolution; starting coarse avoids locking in noise.",
-        )
-        form.addParam(
-            "maximumResolution",
-            params.FloatParam,
-            default=_default("maximumResolution"),
-            label="Maximum resolution (A)",
-            help="Highest resolution used to align particles. 0 means the Nyquist limit (twice the "
-            "pixel size). A gold-standard FSC is computed regardless, so this is a cap, not a target.",
-        )
-        form.addParam(
-            "numberOfInitialIterations",
-            params.IntParam,
-            default=_default("numberOfInitialIterations"),
-            expertLevel=params.LEVEL_ADVANCED,
-            label="Number of initial iterations",
-            help="Iterations at the initial minibatch size while the resolution is still low (cryoSPARC default 200).",
-        )
-        form.addParam(
-            "numberOfFinalIterations",
-            params.IntParam,
-            default=_default("numberOfFinalIterations"),
-            expertLevel=params.LEVEL_ADVANCED,
-            label="Number of final iterations",
-            help="SGD iterations at the final minibatch size, after the initial ones (cryoSPARC's ab initio uses "
-            f"300; here {_default('numberOfFinalIterations')}). Full passes over all particles follow.",
-        )
-        form.addParam(
-            "initialMinibatchSize",
-            params.IntParam,
-            default=_default("initialMinibatchSize"),
-            expertLevel=params.LEVEL_ADVANCED,
-            label="Initial minibatch size",
-            help="Particles per SGD iteration at the start. Small batches make the early, noisy steps "
-            "that let ab initio escape wrong solutions "
-            f"(cryoSPARC default 90; here {_default('initialMinibatchSize')}).",
-        )
-        form.addParam(
-            "finalMinibatchSize",
-            params.IntParam,
-            default=_default("finalMinibatchSize"),
-            expertLevel=params.LEVEL_ADVANCED,
-            label="Final minibatch size",
-            help="Particles per SGD iteration at the end. Larger batches give smoother, more precise "
-            f"updates at high resolution (cryoSPARC default 300; here {_default('finalMinibatchSize')}).",
-        )
-        form.addParam(
-            "learningRate",
-            params.FloatParam,
-            default=_default("learningRate"),
-            expertLevel=params.LEVEL_ADVANCED,
-            label="Initial learning rate",
-            help="Size of the first SGD steps (cryoSPARC default 0.4). Lower it if the map jumps between "
-            "very different shapes; values of 1 or more are rarely useful.",
-        )
-        form.addParam(
-            "sgdResolution",
-            params.FloatParam,
-            default=_default("sgdResolution"),
-            expertLevel=params.LEVEL_ADVANCED,
-            label="SGD resolution limit (A)",
-            help="Resolution at which stochastic gradient descent hands over to full passes over all particles "
-            "(orientation search on every particle, then a direct reconstruction of each half map).",
-        )
-        form.addParam(
-            "numberOfFinalPasses",
-            params.IntParam,
-            default=_default("numberOfFinalPasses"),
-            expertLevel=params.LEVEL_ADVANCED,
-            label="Number of full passes",
-            help="Full passes over all particles after SGD; each refines every orientation and rebuilds the half "
-            "maps, raising the resolution towards the maximum.",
-        )
-        form.addParam(
-            "marginalise",
-            params.BooleanParam,
-            default=_default("marginalise"),
-            expertLevel=params.LEVEL_ADVANCED,
-            label="Marginalise over orientations",
-            help="In the local passes, insert every particle at its most probable orientations and shifts around the "
-            "best one, weighted by their probabilities, as RELION does. At low SNR this gives a markedly better map "
-            "than the best orientation alone; 'No' makes the local passes about twice as fast.",
-        )
-        form.addParam(
-            "minResolution",
-            params.FloatParam,
-            default=_default("minResolution"),
-            expertLevel=params.LEVEL_ADVANCED,
-            label="Ignore resolutions lower than (A)",
-            help="Leave out the lowest frequencies, coarser than this, when orientations are searched (helps "
-            "small particles in detergent or lipid); 0 uses everything.",
-        )
-        form.addParam(
-            "maskRadius",
-            params.FloatParam,
-            default=_default("maskRadius"),
-            expertLevel=params.LEVEL_ADVANCED,
-            label="Mask radius (A)",
-            help="Radius of the soft spherical mask around the particle, in Angstrom. 0 chooses it from the box size.",
-        )
-        form.addParam(
-            "randomSeed",
-            params.IntParam,
-            default=_default("randomSeed"),
-            expertLevel=params.LEVEL_ADVANCED,
-            label="Random seed",
-            help="Seed of the random half-set split and of the random starting maps. The same seed on the "
-            "same data gives the same result; try another seed to check that the map is reproducible.",
-        )
+        for name in FORM_TEXT:
+            if name not in ("numberOfParticles", "keepSplit"):
+                _add_engine_param(form, name)
         form.addParam(
             "quickSchedule",
             params.BooleanParam,
@@ -266,14 +233,6 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             help="Use a very short schedule (few iterations and small minibatches, which replaces the "
             "numbers of iterations and minibatch sizes above) to check a workflow in minutes. The map "
             "will be poor: never use it for real results.",
-        )
-        form.addParam(
-            "gpuMemory",
-            params.FloatParam,
-            default=_default("gpuMemory"),
-            expertLevel=params.LEVEL_ADVANCED,
-            label="GPU memory to use (GB)",
-            help="Upper limit for the engine's GPU memory; 0 lets it use what the GPU has free.",
         )
         form.addParallelSection(threads=4, mpi=0)
 

@@ -206,3 +206,40 @@ def test_validate_messages(tmp_path, project, sim32):
         assert gpu == ""
     else:
         assert "Set 'Use GPU?' to No" in gpu
+
+
+def test_protocol_loads_no_numerical_engine_module():
+    """Scipion imports the protocol (form defaults, option names, file names) without the numerical code."""
+    code = (
+        "import sys, habinit_plugin.protocols, habinit_plugin.viewers\n"
+        "engine = {m for m in sys.modules if m.startswith('habinit_plugin.engine.')}\n"
+        "numerical = {'abinit', 'pose_search', 'projector', 'sgd', 'reconstruct', 'passes', 'align3d', 'fourier'}\n"
+        "loaded = sorted(m for m in engine if m.rsplit('.', 1)[1] in numerical)\n"
+        "assert 'habinit_plugin.engine.settings' in engine, engine\n"
+        "assert not loaded, loaded\n"
+        "print(sorted(engine))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+
+
+def test_form_defaults_are_the_engine_defaults(project):
+    """A protocol with the default form runs the engine with exactly the engine's default settings."""
+    from habinit_plugin.engine.cli import build_parser, settings_from_arguments
+    from habinit_plugin.engine.settings import AbinitSettings, DeviceSettings, JobSettings
+    from habinit_plugin.protocols import ProtHabinitHomoAbinitRefine
+    from habinit_plugin.protocols.protocol_homo_abinit import FORM_TO_SETTINGS
+
+    prot = project.newProtocol(ProtHabinitHomoAbinitRefine, useGpu=False)
+    words = prot._engineWords()
+    args = build_parser().parse_args(["run", "--particles", "p.star", "--out", "o", *words])
+    abinit = settings_from_arguments(args, AbinitSettings)
+    assert settings_from_arguments(args, JobSettings, abinit=abinit) == JobSettings()
+    assert settings_from_arguments(args, DeviceSettings) == DeviceSettings()
+    assert "--restart-changed" in words and "--quick" not in words
+    # a changed form value reaches the engine under the settings' name
+    prot = project.newProtocol(ProtHabinitHomoAbinitRefine, useGpu=False, learningRate=0.25, marginalise=False)
+    args = build_parser().parse_args(["run", "--particles", "p.star", "--out", "o", *prot._engineWords()])
+    abinit = settings_from_arguments(args, AbinitSettings)
+    assert abinit.learning_rate == 0.25 and abinit.marginalise is False
+    assert all(prot.getDefinition().getParam(name) is not None for name in FORM_TO_SETTINGS)

@@ -1,0 +1,154 @@
+"""The shape of the package: no import cycle, settings and outputs free of NumPy, one name per parameter."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from habinit_plugin.engine import cli
+from habinit_plugin.engine.settings import (
+    AbinitSettings,
+    DeviceSettings,
+    JobSettings,
+    cli_fields,
+    command_words,
+    default_of,
+    option_name,
+)
+
+PACKAGE = Path(__file__).resolve().parents[1] / "habinit_plugin"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """The package modules a module imports anywhere in it (top level or inside functions)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in known and t != name}
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    known = set(paths)
+    return {name: _imports(path, known) for name, path in paths.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of the graph, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycle_not_even_a_lazy_one():
+    graph = _import_graph()
+    assert len(graph) > 30 and "habinit_plugin.engine.projector" in graph["habinit_plugin.engine.abinit"]
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_settings_and_outputs_import_without_numpy():
+    """The Scipion process reads defaults and file names here without loading the numerical engine."""
+    code = (
+        "import sys, habinit_plugin.engine.settings, habinit_plugin.engine.outputs\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('numpy', 'scipy', 'mrcfile', 'emtable')]\n"
+        "assert not loaded, loaded\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    "command, classes",
+    [("run", (AbinitSettings, JobSettings, DeviceSettings)), ("abinit", (AbinitSettings, DeviceSettings))],
+)
+def test_every_setting_has_one_option_with_its_default(command, classes):
+    """The CLI is generated from the settings: parsing no option gives the settings' defaults."""
+    args = cli.build_parser().parse_args([command, "--particles", "p.star", "--out", "o"])
+    for cls in classes:
+        for f in cli_fields(cls):
+            assert getattr(args, f.name) == default_of(cls, f.name), f.name
+    assert cli.settings_from_arguments(args, AbinitSettings) == AbinitSettings()
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices[command].format_help()
+    for cls in classes:
+        for f in cli_fields(cls):
+            assert option_name(f.name).replace("--", "") in help_text, f.name
+
+
+def test_command_words_round_trip_through_the_parser():
+    """Values written as options by ``command_words`` (what the protocol does) parse back to themselves."""
+    values = {
+        "initial_resolution_A": 30.0,
+        "max_resolution_A": 4.5,
+        "learning_rate": 0.3,
+        "marginalise": False,
+        "preconditioner": True,
+        "seed": 7,
+        "mask_radius_A": 60.0,
+    }
+    words = [w for name, value in values.items() for w in command_words(AbinitSettings, name, value)]
+    words += command_words(JobSettings, "keep_split", False) + command_words(JobSettings, "n_particles", 100)
+    assert "--no-marginalise" in words and "--no-keep-split" in words and "--initial-resolution" in words
+    args = cli.build_parser().parse_args(["run", "--particles", "p", "--out", "o", *words])
+    settings = cli.settings_from_arguments(args, JobSettings, abinit=cli.settings_from_arguments(args, AbinitSettings))
+    for name, value in values.items():
+        assert getattr(settings.abinit, name) == value
+    assert settings.keep_split is False and settings.n_particles == 100
+
+
+def test_units_are_in_the_names():
+    """Lengths and resolutions carry their unit; no field is named after a bare length."""
+    for cls in (AbinitSettings, JobSettings, DeviceSettings):
+        for f in fields(cls):
+            if any(word in f.name for word in ("resolution", "radius", "shift", "mem", "minutes")):
+                assert f.name.endswith(("_A", "_GB", "_minutes")), f.name
+
+
+def test_minimums_are_checked_with_the_option_name():
+    with pytest.raises(ValueError, match="--initial-batch must be at least 1, got 0"):
+        AbinitSettings(initial_batch=0)
+    with pytest.raises(ValueError, match="--n-particles must be at least 0"):
+        JobSettings(n_particles=-5)
