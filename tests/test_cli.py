@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def habinit(*args, cwd=None):
     return subprocess.run(
@@ -24,6 +26,15 @@ def test_simulate_reconstruct_fsc(tmp_path):
     report = json.loads((tmp_path / "rec" / "fsc.json").read_text())
     assert report["box"] == 32 and report["particles"] == 600
     assert report["resolution_0143"] < 9.0  # Nyquist is 7.2 A
+    # one FSC schema: the viewer's plot takes reconstruct's fsc.json as it takes run's
+    from matplotlib.figure import Figure
+
+    from habinit_plugin.engine.plots import draw_fsc
+
+    assert len(report["curve"]) == 17 and report["curve"][4]["resolution_A"] == pytest.approx(32 * 3.6 / 4)
+    figure = Figure()
+    draw_fsc(figure, report)
+    assert figure.axes[0].get_lines()[0].get_xdata().size == 16  # every shell but the origin
     r = habinit("fsc", str(tmp_path / "rec" / "half_map_A.mrc"), str(sim / "gt_map.mrc"))
     assert r.returncode == 0, r.stderr
     assert "resolution at FSC 0.5" in r.stdout

@@ -147,6 +147,13 @@ def test_units_are_in_the_names():
                 assert f.name.endswith(("_A", "_GB", "_minutes")), f.name
 
 
+def test_option_names():
+    assert option_name("initial_resolution_A") == "--initial-resolution"
+    assert option_name("gpu_mem_GB") == "--gpu-mem"
+    assert option_name("checkpoint_minutes") == "--checkpoint-minutes"
+    assert option_name("n_final_passes") == "--n-final-passes"
+
+
 def test_minimums_are_checked_with_the_option_name():
     with pytest.raises(ValueError, match="--initial-batch must be at least 1, got 0"):
         AbinitSettings(initial_batch=0)

@@ -212,22 +212,29 @@ def run_demo(args) -> dict:
 # ------------------------------------------------------------------ ab initio jobs
 
 
+def _option_help(f) -> str:
+    """The help of a settings field's option: what it is, its unit and its default."""
+    unit, default = unit_of(f.name), f.default
+    return f.metadata["help"] + (f" [{unit}]" if unit else "") + ("" if default is None else f"; default {default}")
+
+
 def add_settings_arguments(p, cls) -> None:
     """One option per field of a settings class (:mod:`.settings`): name, default, unit and help."""
     for f in cli_fields(cls):
         option, default = option_name(f.name), f.default
-        unit = unit_of(f.name)
-        help_text = f.metadata["help"] + (f" ({unit})" if unit else "")
-        if isinstance(default, bool):
-            flag = option if not default else option.replace("--", "--no-", 1)
+        if isinstance(default, bool):  # a switch: --NAME turns on an off default, --no-NAME turns off an on one
+            flag = option.replace("--", "--no-", 1) if default else option
             action = "store_false" if default else "store_true"
-            p.add_argument(flag, dest=f.name, action=action, help=help_text)
+            p.add_argument(
+                flag, dest=f.name, action=action, help=("switch off " if default else "") + f.metadata["help"]
+            )
             continue
         kind = float if default is None else type(default)
+        metavar = f.name.rsplit("_", 1)[1].upper() if unit_of(f.name) else {float: "X", int: "N"}.get(kind)
         choices = f.metadata.get("choices") or None
-        if default is not None:
-            help_text += f"; default {default}"
-        p.add_argument(option, dest=f.name, type=kind, default=default, choices=choices, help=help_text)
+        p.add_argument(
+            option, dest=f.name, type=kind, default=default, choices=choices, metavar=metavar, help=_option_help(f)
+        )
 
 
 def settings_from_arguments(args, cls, **values):

@@ -136,7 +136,7 @@ class GoldStandardJob:
             arrays[name], metas[name] = run.get_state()
         if self.volumes:
             arrays["volumes"] = dict(self.volumes)
-        self.state = self.checkpoint.save(dict(self.state, runs=metas), arrays)
+        self.state.update(self.checkpoint.save(dict(self.state, runs=metas), arrays))  # in place: run_passes holds it
         self._last_save = time.time()
 
     def _maybe_save(self) -> None:

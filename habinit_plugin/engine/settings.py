@@ -5,8 +5,9 @@ Names carry their units (``_A`` Angstrom, ``_GB`` 10^9 bytes, ``_minutes``); a
 resolution or radius of None means "chosen by the engine" (Nyquist, from the box).
 
 The command line is generated from these classes (:func:`option_name`, :func:`command_words`):
-the option is the name without its unit, with dashes (``initial_resolution_A`` is
-``--initial-resolution``); a switch that is on by default is turned off by ``--no-NAME``.
+the option is the name with dashes, without a unit symbol (``initial_resolution_A`` is
+``--initial-resolution``, ``gpu_mem_GB`` is ``--gpu-mem``, ``checkpoint_minutes`` stays
+``--checkpoint-minutes``); a switch that is on by default is turned off by ``--no-NAME``.
 The Scipion form maps its parameters onto the same names through one table
 (``protocols/protocol_homo_abinit.py``, ``FORM_TO_SETTINGS``).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import MISSING, Field, dataclass, field, fields
 
 UNITS = {"_A": "Angstrom", "_GB": "GB (10^9 bytes)", "_minutes": "minutes"}
+UNIT_SYMBOLS = ("_A", "_GB")  # left out of the option names
 
 # Half sets smaller than this give no meaningful FSC; the protocol asks for twice as many particles.
 MIN_PARTICLES_PER_HALF = 10
@@ -69,9 +71,11 @@ class AbinitSettings:
     centre_every: int = parameter(10, "SGD iterations between re-centrings", cli=False)
     n_final_passes: int = parameter(2, "full passes over all particles after SGD", minimum=1)
     marginalise: bool = parameter(
-        True, "insert each particle at its probable poses in local passes (off: best pose, faster)"
+        True,
+        "marginalisation: each particle inserted at its probable poses in the local passes (off: at its best "
+        "pose, faster, lower resolution at low SNR)",
     )
-    preconditioner: bool = parameter(True, "preconditioned SGD step (off: plain step, for comparison)")
+    preconditioner: bool = parameter(True, "the preconditioned SGD step (off: a plain step, for comparison)")
     scale_invariant_search: bool = parameter(True, "scale-invariant score in the SGD search", cli=False)
 
     def __post_init__(self):
@@ -84,7 +88,7 @@ class JobSettings:
 
     abinit: AbinitSettings = field(default_factory=AbinitSettings)
     n_particles: int = parameter(0, "use the first N particles (0: all; the rest are unused)", minimum=0)
-    keep_split: bool = parameter(True, "keep an input rlnRandomSubset / cryoSPARC split")
+    keep_split: bool = parameter(True, "keeping an input rlnRandomSubset / cryoSPARC split (off: a new random split)")
     align_every: int = parameter(40, "SGD iterations between half-map alignments", minimum=1)
     checkpoint_minutes: float = parameter(2.0, "time between checkpoints")
 
@@ -109,7 +113,7 @@ def _unit_suffix(name: str) -> str:
 
 def option_name(name: str) -> str:
     """Command-line option of a settings field: ``initial_resolution_A`` -> ``--initial-resolution``."""
-    suffix = _unit_suffix(name)
+    suffix = next((s for s in UNIT_SYMBOLS if name.endswith(s)), "")
     return "--" + name[: len(name) - len(suffix)].replace("_", "-")
 
 
