@@ -2,11 +2,11 @@
 
     python bench/job_digests.py [--out bench/out/digests]
 
-Simulates 1200 particles of the bundled protein (box 64, SNR 0.1, seed 3) once, runs four jobs on the
-CPU (the quick gold-standard job; one with other options, 1000 of the particles and 3 passes; the quick
-single ab initio; the known-pose reconstruction) and prints a table: sha256 (first 16 hex digits) of
-every map's voxels and of the particles' poses, half sets, ids and image names. Run it on two checkouts
-and compare the tables. Writes bench/results/job_digests_cpu.md.
+Simulates 1200 particles of the bundled protein (box 64, SNR 0.1, seed 3) once, runs five jobs on the
+CPU (the quick gold-standard job; one with other options and 1000 of the particles; a short one with
+3 full passes; the quick single ab initio; the known-pose reconstruction) and prints a table: sha256
+(first 16 hex digits) of every map's voxels and of the particles' poses, half sets, ids and image
+names. Run it on two checkouts and compare the tables. Writes bench/results/job_digests_cpu.md.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ def jobs(sim: Path) -> dict[str, list[str]]:
         "run_opts": [
             "run", "--particles", star, "--quick", "--seed", "2", "--no-marginalise", "--min-resolution", "40",
             "--mask-radius", "50", "--align-every", "10", "--n-final-passes", "3", "--n-particles", "1000",
+        ],
+        "run_3passes": [
+            "run", "--particles", star, "--n-initial-iterations", "30", "--n-final-iterations", "10",
+            "--initial-batch", "60", "--final-batch", "150", "--n-final-passes", "3", "--seed", "4",
+            "--n-particles", "1000",
         ],
         "ab_quick": ["abinit", "--particles", star, "--quick", "--seed", "5", "--save-every", "0"],
         "rec": ["reconstruct", "--particles", str(sim / "gt_poses.star")],

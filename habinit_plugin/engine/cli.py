@@ -20,7 +20,7 @@ from .backend import DeviceError, get_xp
 from .fsc import fsc, resolution_at
 from .jobs import gold_standard_job, reconstruct_job, single_abinit_job
 from .mrc import MRCError, read_map, write_map
-from .outputs import fsc_curve, fsc_report, write_json
+from .outputs import HALF_MAP_A, HALF_MAP_B, fsc_curve, fsc_report, write_json
 from .particles import ParticleError
 from .settings import QUICK_SCHEDULE, AbinitSettings, DeviceSettings, JobSettings, cli_fields, option_name, unit_of
 from .simulate import SimulationSettings, simulate_dataset
@@ -194,8 +194,8 @@ def run_demo(args) -> dict:
     )
     report = run_reconstruct(rec)
     truth, pixel_size = read_map(paths["gt_map"])
-    map_a, _ = read_map(out / "reconstruction" / "half_map_A.mrc")
-    map_b, _ = read_map(out / "reconstruction" / "half_map_B.mrc")
+    map_a, _ = read_map(out / "reconstruction" / HALF_MAP_A)
+    map_b, _ = read_map(out / "reconstruction" / HALF_MAP_B)
     vs_truth = fsc((map_a + map_b) / 2, truth)
     res_truth = resolution_at(vs_truth, 0.5, pixel_size)
     print()
@@ -203,8 +203,8 @@ def run_demo(args) -> dict:
     print(f"  particles            {args.n_particles} at SNR {args.snr:g}, box {truth.shape[0]}, {pixel_size:g} A/px")
     print(f"  gold-standard FSC    0.143 at {report['resolution_0143']:.2f} A, 0.5 at {report['resolution_05']:.2f} A")
     print(f"  vs ground truth      FSC 0.5 at {res_truth:.2f} A (Nyquist {2 * pixel_size:.2f} A)")
-    print(f"  half maps            {out / 'reconstruction' / 'half_map_A.mrc'}")
-    print(f"                       {out / 'reconstruction' / 'half_map_B.mrc'}")
+    print(f"  half maps            {out / 'reconstruction' / HALF_MAP_A}")
+    print(f"                       {out / 'reconstruction' / HALF_MAP_B}")
     print(f"  ground truth map     {paths['gt_map']}")
     return {"gs_resolution_0143": report["resolution_0143"], "truth_resolution_05": res_truth}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .outputs import atomic_write
+from .outputs import PLOTS, atomic_write
 
 
 def draw_fsc(figure, report: dict) -> None:
@@ -103,7 +103,7 @@ def _save(draw, size: tuple[float, float], path: Path) -> None:
 
 
 def write_pngs(out: Path, report: dict, run_info: dict, rotations: np.ndarray, map_a, map_b) -> None:
-    """fsc.png, resolution_per_iteration.png, angular_distribution.png and half_map_slices.png in ``out``.
+    """The job's figures as PNG in ``out`` (the names of :data:`.outputs.PLOTS`).
 
     report: fsc.json content; run_info: with ``history`` and ``resolution_0143`` (run.json);
     rotations (P, 3, 3) RELION matrices; map_a, map_b (N, N, N).
@@ -111,7 +111,7 @@ def write_pngs(out: Path, report: dict, run_info: dict, rotations: np.ndarray, m
     from .so3 import matrix_to_euler
 
     rot, tilt = matrix_to_euler(np.asarray(rotations))[:, :2].T
-    _save(lambda f: draw_fsc(f, report), (6.5, 4.5), out / "fsc.png")
-    _save(lambda f: draw_history(f, run_info), (6.5, 4.5), out / "resolution_per_iteration.png")
-    _save(lambda f: draw_angular_distribution(f, rot, tilt), (7.5, 4.0), out / "angular_distribution.png")
-    _save(lambda f: draw_half_map_slices(f, map_a, map_b), (9.0, 6.0), out / "half_map_slices.png")
+    _save(lambda f: draw_fsc(f, report), (6.5, 4.5), out / PLOTS["fsc"])
+    _save(lambda f: draw_history(f, run_info), (6.5, 4.5), out / PLOTS["history"])
+    _save(lambda f: draw_angular_distribution(f, rot, tilt), (7.5, 4.0), out / PLOTS["angular"])
+    _save(lambda f: draw_half_map_slices(f, map_a, map_b), (9.0, 6.0), out / PLOTS["slices"])
