@@ -32,7 +32,7 @@ def make_stack(path, n=4, shape=(16, 16), nan_at=None):
     return path
 
 
-def make_star(folder, stack="stack.mrcs", n=4, drop=(), optics_rows=None, group_of=None, names=None):
+def make_star(folder, stack="stack.mrcs", n=4, drop=(), optics_rows=None, group_of=None, names=None, columns=None):
     optics = StarBlock("optics", list(OPTICS), optics_rows or [["1", "g1", "300", "2.7", "0.1", "1.5", "16", "2"]])
     table = StarBlock("particles", [], [[] for _ in range(n)])
     table.set_column("rlnImageName", names or [f"{i + 1:06d}@{stack}" for i in range(n)])
@@ -41,6 +41,8 @@ def make_star(folder, stack="stack.mrcs", n=4, drop=(), optics_rows=None, group_
     table.set_column("rlnDefocusV", [14000.0] * n)
     table.set_column("rlnDefocusAngle", [10.0] * n)
     table.set_column("rlnImageId", list(range(101, 101 + n)))
+    for name, values in (columns or {}).items():
+        table.set_column(name, values)
     optics.drop_columns(drop)
     table.drop_columns(drop)
     path = folder / "particles.star"
@@ -161,3 +163,87 @@ def test_cli_reports_one_clear_error(good, tmp_path):
     assert "error: " in result.stderr and "_rlnDefocusU" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        ({"rlnDefocusU": [15000.0, float("nan"), 15000.0, 15000.0]}, r"row 2: _rlnDefocusU = nan is not a finite"),
+        ({"rlnDefocusAngle": [10.0, 10.0, float("inf"), 10.0]}, r"row 3: _rlnDefocusAngle = inf is not a finite"),
+        ({"rlnCtfBfactor": [0.0, 0.0, 0.0, float("-inf")]}, r"row 4: _rlnCtfBfactor = -inf"),
+        (
+            {
+                "rlnAngleRot": [0.0, 1.0, 2.0, 3.0],
+                "rlnAngleTilt": [0.0, float("nan"), 0.0, 0.0],
+                "rlnAnglePsi": [0.0] * 4,
+            },
+            r"row 2: _rlnAngleTilt = nan",
+        ),
+        (
+            {f"rlnAngle{a}": [0.0] * 4 for a in ("Rot", "Tilt", "Psi")}
+            | {"rlnOriginXAngst": [0.0, 0.0, 0.0, float("nan")], "rlnOriginYAngst": [0.0] * 4},
+            r"row 4: _rlnOriginXAngst = nan",
+        ),
+    ],
+)
+def test_non_finite_values_name_the_row_and_column(good, columns, message):
+    """One NaN or inf in a column the engine uses stops it before any work, naming file, row and column."""
+    path = make_star(good, columns=columns)
+    with pytest.raises(ParticleError, match=message) as info:
+        load_particles(path)
+    assert str(path) in str(info.value)
+
+
+def test_non_finite_optics_value_is_refused(good):
+    rows = [["1", "g1", "nan", "2.7", "0.1", "1.5", "16", "2"]]
+    with pytest.raises(ParticleError, match=r"row 1: _rlnVoltage = nan is not a finite number \(4 row"):
+        load_particles(make_star(good, optics_rows=rows))
+
+
+def test_duplicated_images_are_refused_with_their_rows(good):
+    """The same image on two rows could be put in both half sets: refused, naming the rows and the image."""
+    names = ["000001@stack.mrcs", "000002@stack.mrcs", "000003@stack.mrcs", "000002@stack.mrcs"]
+    with pytest.raises(ParticleError, match=r"rows 2, 4 hold the same image 2@.*stack.mrcs; 1 image\(s\) appear"):
+        load_particles(make_star(good, names=names))
+
+
+def test_cli_refuses_a_nan_defocus_before_any_work(good, tmp_path):
+    path = make_star(good, columns={"rlnDefocusU": [15000.0, 15000.0, float("nan"), 15000.0]})
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "habinit_plugin.engine", "run", "--particles", str(path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "row 3: _rlnDefocusU = nan" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_tools_refuse_maps_with_nan_voxels(tmp_path):
+    """`habinit fsc` and `habinit align` on a map holding NaN: one line naming the file, no result."""
+    good = np.random.default_rng(1).normal(size=(16, 16, 16)).astype(np.float32)
+    bad = good.copy()
+    bad[3, 4, 5] = np.nan
+    for name, volume in (("good.mrc", good), ("bad.mrc", bad)):
+        with mrcfile.new(tmp_path / name, overwrite=True) as mrc:
+            mrc.set_data(volume)
+            mrc.voxel_size = 2.0
+    for command in (["fsc"], ["align", "--out", str(tmp_path / "aligned.mrc")]):
+        args = [sys.executable, "-m", "habinit_plugin.engine", command[0], str(tmp_path / "good.mrc")]
+        result = subprocess.run([*args, str(tmp_path / "bad.mrc"), *command[1:]], capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr
+        assert "bad.mrc: 1 voxel(s) are NaN or infinite" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "aligned.mrc").exists()
+
+
+def test_no_result_is_written_from_a_nan_map(tmp_path):
+    from habinit_plugin.engine.jobs import check_result
+    from habinit_plugin.engine.outputs import ResultError
+
+    volume = np.zeros((8, 8, 8), dtype=np.float32)
+    check_result({"half map A": volume}, np.ones(5))
+    volume[1, 2, 3] = np.inf
+    with pytest.raises(ResultError, match="half map A has 1 NaN or infinite voxel"):
+        check_result({"half map A": volume})
+    with pytest.raises(ResultError, match="the FSC is NaN"):
+        check_result({}, np.array([1.0, np.nan]))

@@ -37,6 +37,7 @@ from .outputs import (
     PARTICLES_STAR,
     RUN_JSON,
     UNUSED_PARTICLES_STAR,
+    ResultError,
     clear_completion,
     existing_outputs,
     fsc_report,
@@ -99,6 +100,16 @@ def prepare_output(out: Path, overwrite: bool) -> None:
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
         clear_completion(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def check_result(maps: dict[str, np.ndarray], curve: np.ndarray | None = None) -> None:
+    """A ResultError, before anything is written, when a map holds NaN or infinite voxels or the FSC is NaN."""
+    for name, volume in maps.items():
+        bad = int(np.count_nonzero(~np.isfinite(volume)))
+        if bad:
+            raise ResultError(f"{name} has {bad} NaN or infinite voxel(s): no result written")
+    if curve is not None and not np.all(np.isfinite(curve)):
+        raise ResultError("the FSC is NaN (a map is empty or constant): no result written")
 
 
 def write_fsc_files(out: Path, curve: np.ndarray, pixel_size: float, **context) -> dict:
@@ -172,6 +183,7 @@ def gold_standard_job(
 def write_run_outputs(out: Path, particles: ParticleSet, result: JobResult, run_info: dict) -> dict:
     """Write every output file of ``habinit run``, run.json last; returns run.json's content."""
     clear_completion(out)
+    check_result({f"half map {name}": volume for name, volume in result.maps.items()}, result.fsc)
     px = particles.pixel_size
     for name, path in HALF_MAPS.items():
         write_map(out / path, result.maps[name], px)
@@ -235,6 +247,7 @@ def single_abinit_job(
     run_sgd({"map": run}, save_map, state["timings"])
     volumes: dict[str, np.ndarray] = {}
     run_passes({"map": run}, volumes, state)
+    check_result({"the map": volumes["map"]})
     write_map(out / MAP, volumes["map"], particles.pixel_size)
     write_particles_star(out / PARTICLES_STAR, particles, None, run.rotations, run.origins)
     info = {
@@ -277,11 +290,13 @@ def reconstruct_job(
     t0 = time.time()
     map_a, map_b, _ = reconstruct_half_maps(particles, half, xp=xp, batch_size=batch_size, memory_limit_bytes=limit)
     seconds = time.time() - t0
+    curve = fsc(map_a, map_b)
+    check_result({"half map A": map_a, "half map B": map_b}, curve)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_map(out / HALF_MAP_A, map_a, particles.pixel_size)
     write_map(out / HALF_MAP_B, map_b, particles.pixel_size)
-    report = write_fsc_files(out, fsc(map_a, map_b), particles.pixel_size, particles=len(particles), split=how)
+    report = write_fsc_files(out, curve, particles.pixel_size, particles=len(particles), split=how)
     log.info(
         f"reconstructed in {seconds:.1f} s ({len(particles) / seconds:.0f} particles/s): "
         f"GS-FSC 0.143 at {report['resolution_0143']:.2f} A, 0.5 at {report['resolution_05']:.2f} A"

@@ -57,7 +57,8 @@ def _mode_bytes(mode: int, path) -> int:
 
 
 def read_map(path: str | Path) -> tuple[np.ndarray, float]:
-    """A 3D map as float32 [z, y, x] and its voxel size in Angstrom (x axis)."""
+    """A 3D map as float32 [z, y, x] and its voxel size in Angstrom (x axis); an MRCError for a map
+    that is not cubic or holds NaN or infinite voxels."""
     path = str(path)
     if not os.path.isfile(path):
         raise MRCError(f"{path}: no such map file")
@@ -71,6 +72,9 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float]:
         raise MRCError(f"{path}: not a readable MRC map ({exc})") from exc
     if data.ndim != 3 or len(set(data.shape)) != 1:
         raise MRCError(f"{path}: expected a cubic 3D map, got shape {data.shape}")
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise MRCError(f"{path}: {bad} voxel(s) are NaN or infinite; the map is not usable")
     return data, voxel
 
 

@@ -92,6 +92,10 @@ class OutputError(ValueError):
     """An output or checkpoint file that cannot be read."""
 
 
+class ResultError(ValueError):
+    """A result that must not be written as finished (a map with NaN voxels, a NaN FSC)."""
+
+
 def read_json(path: str | Path) -> dict:
     try:
         with open(path) as f:

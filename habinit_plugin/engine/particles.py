@@ -26,6 +26,14 @@ from .star import StarBlock, StarError, read_star, write_star
 OPTICS_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 OLD_ORIGIN_COLUMNS = ("rlnOriginX", "rlnOriginY")
+# CTFParams field: per-particle column (default 0 when absent), or optics column
+CTF_COLUMNS = {
+    "defocus_v": "rlnDefocusV",
+    "defocus_angle": "rlnDefocusAngle",
+    "phase_shift": "rlnPhaseShift",
+    "bfactor": "rlnCtfBfactor",
+}
+CTF_OPTICS_COLUMNS = dict(zip(("voltage", "cs", "amplitude_contrast"), OPTICS_COLUMNS))
 
 
 class ParticleError(ValueError):
@@ -203,23 +211,34 @@ def _optics_value(table: StarBlock, optics: StarBlock, column: str, default: flo
     raise ParticleError(f"{table.source}: missing CTF column _{column} (looked in data_{table.name} and data_optics)")
 
 
+def _finite(table: StarBlock, column: str, values: np.ndarray) -> np.ndarray:
+    """``values`` of ``column``; a ParticleError naming the file, the input row and the column where one is
+    NaN or infinite."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        i = int(bad[0])
+        raise ParticleError(
+            f"{table.source}: row {i + 1}: _{column} = {values[i]} is not a finite number "
+            f"({len(bad)} row(s) like it); fix or remove these particles"
+        )
+    return values
+
+
 def _ctf_from_tables(table: StarBlock, optics: StarBlock) -> CTFParams:
     if not table.has("rlnDefocusU"):
         raise ParticleError(
             f"{table.source}: missing CTF column _rlnDefocusU: the particles need CTF parameters "
             "(run CTF estimation and extract particles with it)"
         )
-    defocus_u = table.floats("rlnDefocusU")
-    return CTFParams(
-        defocus_u=defocus_u,
-        defocus_v=table.floats("rlnDefocusV") if table.has("rlnDefocusV") else defocus_u.copy(),
-        defocus_angle=table.floats("rlnDefocusAngle", 0.0),
-        voltage=_optics_value(table, optics, "rlnVoltage"),
-        cs=_optics_value(table, optics, "rlnSphericalAberration"),
-        amplitude_contrast=_optics_value(table, optics, "rlnAmplitudeContrast"),
-        phase_shift=table.floats("rlnPhaseShift", 0.0),
-        bfactor=table.floats("rlnCtfBfactor", 0.0),
-    )
+    defocus_u = _finite(table, "rlnDefocusU", table.floats("rlnDefocusU"))
+    optical = {
+        name: _finite(table, column, _optics_value(table, optics, column))
+        for name, column in CTF_OPTICS_COLUMNS.items()
+    }
+    per_particle = {name: _finite(table, column, table.floats(column, 0.0)) for name, column in CTF_COLUMNS.items()}
+    if not table.has("rlnDefocusV"):
+        per_particle["defocus_v"] = defocus_u.copy()
+    return CTFParams(defocus_u=defocus_u, **per_particle, **optical)
 
 
 def _single_pixel_size(table: StarBlock, optics: StarBlock) -> float:
@@ -305,11 +324,29 @@ def _check_stacks(table: StarBlock, files, slices, image_root) -> tuple[list[str
     return stacks, stack_of.astype(np.int32), int(box)
 
 
+def _check_unique_images(table: StarBlock, stacks: list[str], stack_of: np.ndarray, slices: np.ndarray) -> None:
+    """A ParticleError naming the rows when one image (same stack and index) stands on several rows: the
+    copies could land in both half sets and inflate the gold-standard FSC."""
+    key = stack_of.astype(np.int64) * (int(slices.max()) + 1) + slices
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    repeated = np.flatnonzero(counts[inverse] > 1)
+    if len(repeated) == 0:
+        return
+    rows = np.flatnonzero(key == key[repeated[0]])
+    first = int(rows[0])
+    raise ParticleError(
+        f"{table.source}: rows {', '.join(str(r + 1) for r in rows[:5])} hold the same image "
+        f"{slices[first] + 1}@{stacks[stack_of[first]]}; {int(np.sum(counts > 1))} image(s) appear on more "
+        "than one row (merged particle sets?): remove the duplicated rows first"
+    )
+
+
 def _particle_set(path: str, table: StarBlock, optics: StarBlock, image_root) -> ParticleSet:
     pixel_size = _single_pixel_size(table, optics)
     ctf = _ctf_from_tables(table, optics)
     slices, files = _split_image_names(table)
     stacks, stack_of, box = _check_stacks(table, files, slices, image_root)
+    _check_unique_images(table, stacks, stack_of, slices)
     n = len(table)
     if table.has("rlnImageId"):
         ids = table.ints("rlnImageId")
@@ -319,10 +356,10 @@ def _particle_set(path: str, table: StarBlock, optics: StarBlock, image_root) ->
         ids = np.arange(1, n + 1, dtype=np.int64)
     rotations = shifts = None
     if all(table.has(c) for c in POSE_COLUMNS[:3]):
-        rotations = euler_to_matrix(*(table.floats(c) for c in POSE_COLUMNS[:3]))
+        rotations = euler_to_matrix(*(_finite(table, c, table.floats(c)) for c in POSE_COLUMNS[:3]))
         if table.has("rlnOriginXAngst"):
-            shifts = np.stack([table.floats("rlnOriginXAngst"), table.floats("rlnOriginYAngst", 0.0)], 1)
-            shifts = shifts / pixel_size
+            origins = [_finite(table, c, table.floats(c, 0.0)) for c in POSE_COLUMNS[3:]]
+            shifts = np.stack(origins, 1) / pixel_size
         else:
             shifts = np.zeros((n, 2))
     half_set = table.ints("rlnRandomSubset") if table.has("rlnRandomSubset") else None
