@@ -159,3 +159,30 @@ def test_minimums_are_checked_with_the_option_name():
         AbinitSettings(initial_batch=0)
     with pytest.raises(ValueError, match="--n-particles must be at least 0"):
         JobSettings(n_particles=-5)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"initial_resolution_A": 0.0}, "--initial-resolution must be greater than 0, got 0"),
+        ({"max_resolution_A": -3.0}, "--max-resolution must be greater than 0, got -3"),
+        ({"max_resolution_A": 50.0}, "--max-resolution 50 A is coarser than --initial-resolution 35 A"),
+        ({"sgd_resolution_A": 40.0}, "--sgd-resolution 40 A is coarser than --initial-resolution 35 A"),
+        ({"learning_rate": -1.0}, "--learning-rate must be greater than 0, got -1"),
+        ({"mask_radius_A": 0.0}, "--mask-radius must be greater than 0"),
+        ({"learning_rate": float("nan")}, "--learning-rate must be a number, got nan"),
+    ],
+)
+def test_out_of_range_settings_are_refused(values, message):
+    with pytest.raises(ValueError, match=message):
+        AbinitSettings(**values)
+
+
+def test_out_of_range_options_stop_the_command_before_any_work(tmp_path):
+    """A bad option value is one line naming the option, exit 2, before the particles are read."""
+    for option, value in (("--initial-resolution", "0"), ("--align-every", "0"), ("--n-particles", "-5")):
+        args = ["run", "--particles", str(tmp_path / "none.star"), "--out", str(tmp_path / "out"), option, value]
+        out = subprocess.run([sys.executable, "-m", "habinit_plugin.engine", *args], capture_output=True, text=True)
+        assert out.returncode == 2 and f"error: {option} must be" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and "none.star" not in out.stderr
+    assert not (tmp_path / "out").exists()

@@ -32,17 +32,27 @@ QUICK_SCHEDULE = {
 }
 
 
-def parameter(default, help: str, *, minimum: float | None = None, cli: bool = True, choices: tuple = ()) -> Field:
-    """A settings field: ``help`` for the command line, ``minimum`` checked on construction,
-    ``cli`` False for internal parameters that have no option."""
-    return field(default=default, metadata={"help": help, "minimum": minimum, "cli": cli, "choices": choices})
+def parameter(
+    default, help: str, *, minimum: float | None = None, above: float | None = None, cli: bool = True, choices=()
+) -> Field:
+    """A settings field: ``help`` for the command line; the valid range, checked on construction:
+    ``minimum`` (inclusive) or ``above`` (exclusive); ``cli`` False for internal parameters without an option."""
+    metadata = {"help": help, "minimum": minimum, "above": above, "cli": cli, "choices": choices}
+    return field(default=default, metadata=metadata)
 
 
-def _check_minimums(settings) -> None:
+def _check_ranges(settings) -> None:
+    """A ValueError naming the option of the first value outside its range (None is always valid)."""
     for f in fields(settings):
-        minimum, value = f.metadata.get("minimum"), getattr(settings, f.name)
-        if minimum is not None and value is not None and value < minimum:
+        value, minimum, above = getattr(settings, f.name), f.metadata.get("minimum"), f.metadata.get("above")
+        if value is None or isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
+            continue
+        if value != value:  # NaN
+            raise ValueError(f"{option_name(f.name)} must be a number, got {value}")
+        if minimum is not None and value < minimum:
             raise ValueError(f"{option_name(f.name)} must be at least {minimum:g}, got {value:g}")
+        if above is not None and value <= above:
+            raise ValueError(f"{option_name(f.name)} must be greater than {above:g}, got {value:g}")
 
 
 @dataclass(frozen=True)
@@ -50,25 +60,33 @@ class AbinitSettings:
     """One ab initio map: SGD schedule (cryoSPARC's names), search, final passes."""
 
     n_initial_iterations: int = parameter(120, "SGD iterations at the initial minibatch size", minimum=1)
-    n_final_iterations: int = parameter(60, "SGD iterations after them, minibatch growing to the final size")
-    initial_resolution_A: float = parameter(35.0, "resolution the SGD starts at")
-    max_resolution_A: float | None = parameter(None, "highest resolution searched (default Nyquist; finer is clamped)")
-    sgd_resolution_A: float = parameter(10.0, "resolution where SGD hands over to full passes")
+    n_final_iterations: int = parameter(60, "SGD iterations after them, minibatch growing to the final size", minimum=0)
+    initial_resolution_A: float = parameter(35.0, "resolution the SGD starts at", above=0)
+    max_resolution_A: float | None = parameter(
+        None,
+        "highest resolution searched (default Nyquist, finer is clamped)",
+        above=0,
+    )
+    sgd_resolution_A: float = parameter(10.0, "resolution where SGD hands over to full passes", above=0)
     initial_batch: int = parameter(90, "initial minibatch size (particles)", minimum=1)
     final_batch: int = parameter(300, "final minibatch size (particles)", minimum=1)
-    learning_rate: float = parameter(0.4, "initial learning rate of the SGD")
-    learning_rate_iterations: int = parameter(100, "iterations at the initial learning rate", cli=False)
-    final_learning_rate: float = parameter(0.1, "learning rate at the last iteration", cli=False)
-    initial_temperature: float = parameter(4.0, "posterior temperature at the start (annealed to 1)", cli=False)
-    seed: int = parameter(0, "random seed (half-set split, starting maps, minibatches)")
-    mask_radius_A: float | None = parameter(None, "radius of the spherical window (default 0.45 box)")
-    max_shift_A: float | None = parameter(None, "largest particle shift searched (default 0.1 box)")
-    min_resolution_A: float | None = parameter(None, "ignore frequencies below this in the search (small particles)")
-    oversampling: int = parameter(2, "Fourier grid oversampling", cli=False)
-    beam: int = parameter(8, "poses kept per image and level of the global search", cli=False)
-    marginal_poses: int = parameter(4, "poses an SGD image is inserted at", cli=False)
-    marginal_poses_final: int = parameter(24, "poses a local-pass image is inserted at", cli=False)
-    centre_every: int = parameter(10, "SGD iterations between re-centrings", cli=False)
+    learning_rate: float = parameter(0.4, "initial learning rate of the SGD", above=0)
+    learning_rate_iterations: int = parameter(100, "iterations at the initial learning rate", minimum=0, cli=False)
+    final_learning_rate: float = parameter(0.1, "learning rate at the last iteration", above=0, cli=False)
+    initial_temperature: float = parameter(4.0, "posterior temperature at the start, annealed to 1", above=0, cli=False)
+    seed: int = parameter(0, "random seed (half-set split, starting maps, minibatches)", minimum=0)
+    mask_radius_A: float | None = parameter(None, "radius of the spherical window (default 0.45 box)", above=0)
+    max_shift_A: float | None = parameter(None, "largest particle shift searched (default 0.1 box)", minimum=0)
+    min_resolution_A: float | None = parameter(
+        None,
+        "ignore frequencies below this in the search (small particles)",
+        above=0,
+    )
+    oversampling: int = parameter(2, "Fourier grid oversampling", minimum=1, cli=False)
+    beam: int = parameter(8, "poses kept per image and level of the global search", minimum=1, cli=False)
+    marginal_poses: int = parameter(4, "poses an SGD image is inserted at", minimum=1, cli=False)
+    marginal_poses_final: int = parameter(24, "poses a local-pass image is inserted at", minimum=1, cli=False)
+    centre_every: int = parameter(10, "SGD iterations between re-centrings", minimum=0, cli=False)
     n_final_passes: int = parameter(2, "full passes over all particles after SGD", minimum=1)
     marginalise: bool = parameter(
         True,
@@ -79,7 +97,15 @@ class AbinitSettings:
     scale_invariant_search: bool = parameter(True, "scale-invariant score in the SGD search", cli=False)
 
     def __post_init__(self):
-        _check_minimums(self)
+        _check_ranges(self)
+        start = self.initial_resolution_A
+        for name in ("max_resolution_A", "sgd_resolution_A"):
+            value = getattr(self, name)
+            if value is not None and value > start:
+                raise ValueError(
+                    f"{option_name(name)} {value:g} A is coarser than {option_name('initial_resolution_A')} "
+                    f"{start:g} A: it must be finer (a smaller number of Angstrom)"
+                )
 
 
 @dataclass(frozen=True)
@@ -90,10 +116,10 @@ class JobSettings:
     n_particles: int = parameter(0, "use the first N particles (0: all; the rest are unused)", minimum=0)
     keep_split: bool = parameter(True, "keeping an input rlnRandomSubset / cryoSPARC split (off: a new random split)")
     align_every: int = parameter(40, "SGD iterations between half-map alignments", minimum=1)
-    checkpoint_minutes: float = parameter(2.0, "time between checkpoints")
+    checkpoint_minutes: float = parameter(2.0, "time between checkpoints", minimum=0)
 
     def __post_init__(self):
-        _check_minimums(self)
+        _check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -104,7 +130,7 @@ class DeviceSettings:
     gpu_mem_GB: float | None = parameter(None, "GPU memory ceiling (GPU runs)", minimum=0)
 
     def __post_init__(self):
-        _check_minimums(self)
+        _check_ranges(self)
 
 
 def _unit_suffix(name: str) -> str:
