@@ -208,3 +208,47 @@ def test_gpu_requested_without_gpu(tiny_set, tmp_path):
     r = _habinit(*_tiny_args(tiny_set["particles"], tmp_path / "out", "--device", "gpu"))
     assert r.returncode == 2 and "gpu" in r.stderr.lower()
     assert not (tmp_path / "out").exists()
+
+
+def test_second_job_on_a_folder_is_refused_and_the_first_is_unchanged(tiny_set, tmp_path):
+    """Two `habinit run` on one folder: the second is refused at once, naming the first; the first ends
+    bit for bit as a job that ran alone."""
+    busy, alone = tmp_path / "busy", tmp_path / "alone"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "habinit_plugin.engine", *_tiny_args(tiny_set["particles"], busy)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = busy / "habinit.lock"
+    deadline = time.time() + 60
+    while not lock.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), first.communicate()
+    t0 = time.time()
+    second = _habinit(*_tiny_args(tiny_set["particles"], busy, "--overwrite"))
+    refused_after = time.time() - t0
+    assert second.returncode == 2 and "is in use by another habinit run" in second.stderr, second.stderr
+    assert f"process {first.pid} on " in second.stderr
+    assert refused_after < 5.0  # measured 0.2 s alone: the interpreter start and reading the particles
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    assert not lock.exists()
+    assert _habinit(*_tiny_args(tiny_set["particles"], alone)).returncode == 0
+    for name in ("half_map_A.mrc", "half_map_B.mrc"):
+        with mrcfile.open(busy / name) as a, mrcfile.open(alone / name) as b:
+            assert np.array_equal(a.data, b.data)
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tiny_set, tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "job"
+    out.mkdir()
+    import socket
+
+    lock = {"pid": int(gone.stdout), "host": socket.gethostname(), "command": "run", "since": "earlier"}
+    (out / "habinit.lock").write_text(json.dumps(lock))
+    r = _habinit(*_tiny_args(tiny_set["particles"], out, "--n-initial-iterations", "2", "--n-final-passes", "1"))
+    assert r.returncode == 0, r.stderr
+    assert f"(process {lock['pid']}) is gone: taking it over" in r.stdout
+    assert not (out / "habinit.lock").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"

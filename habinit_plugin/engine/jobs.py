@@ -20,6 +20,7 @@ import numpy as np
 from . import __version__, plots
 from .abinit import AbinitRun, run_sgd
 from .backend import device_name, get_xp
+from .folder_lock import folder_lock
 from .fsc import fsc, resolution_at
 from .gold_standard import GoldStandardJob, JobResult
 from .gpu_budget import set_gpu_memory_limit
@@ -144,34 +145,36 @@ def gold_standard_job(
     settings = replace(settings, abinit=abinit)
     out = Path(out)
     job = GoldStandardJob(particles, settings, out, xp=xp, memory_limit_bytes=limit)
-    if restart_changed and job.checkpoint.exists() and not job.checkpoint.matches():
-        log.info(f"{out} holds the checkpoint of other particles or parameters: starting over")
-        overwrite = True
-    prepare_output(out, overwrite)
-    resumed = job.resume()
-    if not resumed and (out / RUN_JSON).exists():
-        clear_completion(out)
-    if job.state.get("phase") == "done" and (out / RUN_JSON).exists():
-        log.info(f"{out} already holds the finished result of this job")
-        return read_json(out / RUN_JSON)
-    log.info(
-        f"{len(particles)} particles ({len(job.used)} used, {len(job.unused)} unused), box {particles.box}, "
-        f"{particles.pixel_size:g} A/px, {job.split_how}; device {device_name(xp)}"
-    )
-    result = job.run()
-    info = {
-        "command": "run",
-        "particles": str(Path(particles_path).resolve()),
-        "parameters": asdict(settings),
-        "seed": settings.abinit.seed,
-        "device": device_name(xp),
-        "versions": _versions(),
-        "split": job.split_how,
-        "resumed": resumed,
-        "wall_seconds_this_session": time.time() - t0,
-        "warnings": warnings,
-    }
-    info = write_run_outputs(out, particles, result, info)
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "run"):  # before anything in the folder is read or changed
+        if restart_changed and job.checkpoint.exists() and not job.checkpoint.matches():
+            log.info(f"{out} holds the checkpoint of other particles or parameters: starting over")
+            overwrite = True
+        prepare_output(out, overwrite)
+        resumed = job.resume()
+        if not resumed and (out / RUN_JSON).exists():
+            clear_completion(out)
+        if job.state.get("phase") == "done" and (out / RUN_JSON).exists():
+            log.info(f"{out} already holds the finished result of this job")
+            return read_json(out / RUN_JSON)
+        log.info(
+            f"{len(particles)} particles ({len(job.used)} used, {len(job.unused)} unused), box {particles.box}, "
+            f"{particles.pixel_size:g} A/px, {job.split_how}; device {device_name(xp)}"
+        )
+        result = job.run()
+        info = {
+            "command": "run",
+            "particles": str(Path(particles_path).resolve()),
+            "parameters": asdict(settings),
+            "seed": settings.abinit.seed,
+            "device": device_name(xp),
+            "versions": _versions(),
+            "split": job.split_how,
+            "resumed": resumed,
+            "wall_seconds_this_session": time.time() - t0,
+            "warnings": warnings,
+        }
+        info = write_run_outputs(out, particles, result, info)
     log.info(
         f"gold-standard FSC 0.143 at {result.resolution_0143:.2f} A, 0.5 at {result.resolution_05:.2f} A; "
         f"{len(result.used)} particles used, {len(result.unused)} unused"
@@ -235,6 +238,11 @@ def single_abinit_job(
         raise ValueError(f"{particles_path}: ab initio needs at least 2 particles, found {len(particles)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "abinit"):
+        return _single_abinit(particles_path, out, particles, settings, xp, limit, save_every, warnings, t0)
+
+
+def _single_abinit(particles_path, out: Path, particles, settings, xp, limit, save_every, warnings, t0) -> dict:
     clear_completion(out)
     run = AbinitRun(particles, settings, xp=xp, memory_limit_bytes=limit)
     log.info(f"{len(particles)} particles, box {particles.box}, {particles.pixel_size:g} A/px; {device_name(xp)}")

@@ -25,6 +25,7 @@ FSC_JSON = "fsc.json"
 FSC_STAR = "fsc.star"
 RUN_JSON = "run.json"
 CHECKPOINT = "checkpoint"
+LOCK = "habinit.lock"  # held while a job runs in the folder (folder_lock.py)
 PLOTS = {
     "fsc": "fsc.png",
     "history": "resolution_per_iteration.png",
