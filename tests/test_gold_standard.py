@@ -252,3 +252,32 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tiny_set, tmp_path):
     assert f"(process {lock['pid']}) is gone: taking it over" in r.stdout
     assert not (out / "habinit.lock").exists()
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_ctrl_c_during_sgd_saves_and_resumes_bit_for_bit(tiny_set, tmp_path):
+    """SIGINT in the SGD phase: one line, exit 130, a checkpoint at the iteration it stopped at, and the
+    resumed job ends bit for bit as one that was never interrupted."""
+    stopped, alone = tmp_path / "stopped", tmp_path / "alone"
+    args = _tiny_args(tiny_set["particles"], stopped, "--n-initial-iterations", "20", "--checkpoint-minutes", "100")
+    command = [sys.executable, "-m", "habinit_plugin.engine", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # the log prints every 10 iterations
+        if "SGD iteration 10/" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    message = [line for line in stderr.splitlines() if line.strip()]
+    assert len(message) == 1 and "interrupted (SIGINT) at SGD iteration" in message[0], stderr
+    assert "rerun the same command to resume" in message[0] and "Traceback" not in stderr
+    stopped_at = int(message[0].split("SGD iteration ")[1].split("/")[0])
+    state = json.loads((stopped / "checkpoint" / "state.json").read_text())
+    assert state["phase"] == "sgd" and state["runs"]["A"]["iteration"] == stopped_at >= 10
+    assert not (stopped / "run.json").exists() and not (stopped / "habinit.lock").exists()
+    resumed = _habinit(*args)
+    assert resumed.returncode == 0 and f"iteration {stopped_at})" in resumed.stdout, resumed.stderr
+    solo = _tiny_args(tiny_set["particles"], alone, "--n-initial-iterations", "20", "--checkpoint-minutes", "100")
+    assert _habinit(*solo).returncode == 0
+    for name in ("half_map_A.mrc", "half_map_B.mrc"):
+        with mrcfile.open(stopped / name) as a, mrcfile.open(alone / name) as b:
+            assert np.array_equal(a.data, b.data)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import stop
 from .backend import to_numpy
 from .fourier import half_plane_frequencies, hermitian_weights, resample_volume
 from .geometry import MapGeometry
@@ -294,6 +295,7 @@ def run_sgd(
         t += 1
         if on_iteration is not None:
             on_iteration(t)
+        stop.check(f"SGD iteration {t}/{total}")
         if t % report_every == 0 or t == total:
             rate = (time.time() - t_start) / max(t - it_start, 1)
             entry = entries[next(iter(entries))]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import density
+from . import density, stop
 from .align3d import AlignSettings, align_maps, transform_map
 from .backend import DeviceError, get_xp
 from .fsc import fsc, resolution_at
@@ -332,14 +332,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RESUME_ADVICE = {
+    "run": "rerun the same command to resume",
+    "abinit": "habinit abinit keeps no checkpoint: rerun it to start over",
+}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
+    stop.install()
     try:
         args.func(args)
     except USER_ERRORS as exc:
         print(f"habinit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except stop.Interrupted as exc:
+        advice = RESUME_ADVICE.get(args.command, "nothing was finished")
+        print(f"habinit {args.command}: {exc}; {advice}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print(f"habinit {args.command}: stopped at once (second interrupt)", file=sys.stderr)
+        return 130
     return 0
 
 

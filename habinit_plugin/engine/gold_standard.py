@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import stop
 from .abinit import AbinitRun, run_sgd
 from .align3d import Alignment, align_maps, apply_to_poses, transform_map
 from .backend import to_numpy
@@ -164,6 +165,9 @@ class GoldStandardJob:
         def after_iteration(t: int) -> None:
             if t % self.settings.align_every == 0 or t == total:
                 self._monitor(t)
+            if stop.requested():
+                self.save()
+                stop.check(f"SGD iteration {t}/{total} (checkpoint saved)")
             self._maybe_save()
 
         run_sgd(self.runs, after_iteration, self.state["timings"])

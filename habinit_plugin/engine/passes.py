@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import stop
 from .abinit import AbinitRun
 from .backend import array_module, to_numpy
 from .fourier import phase_shift
@@ -106,6 +107,7 @@ def full_pass(run: AbinitRun, references, radius: float, local: bool, chunk: int
 
     with StagedSum(arrays, splitter=OOMSplitter(xp=xp)) as staged:
         for start in range(0, run.n, chunk):
+            stop.check("a full pass (abandoned: the checkpoint before it stands)")
             staged.run(add, np.arange(start, min(start + chunk, run.n)))
     run.rotations, run.origins = rotations, origins
     run.seen[:] = True
