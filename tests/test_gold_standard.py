@@ -20,7 +20,7 @@ from habinit_plugin.engine import jobs
 from habinit_plugin.engine.checkpoint import CheckpointError
 from habinit_plugin.engine.gold_standard import GoldStandardJob
 from habinit_plugin.engine.jobs import gold_standard_job
-from habinit_plugin.engine.particles import load_particles
+from habinit_plugin.engine.particles import ParticleError, load_particles
 from habinit_plugin.engine.settings import AbinitSettings, JobSettings
 from habinit_plugin.engine.star import read_star, write_star
 
@@ -281,3 +281,21 @@ def test_ctrl_c_during_sgd_saves_and_resumes_bit_for_bit(tiny_set, tmp_path):
     for name in ("half_map_A.mrc", "half_map_B.mrc"):
         with mrcfile.open(stopped / name) as a, mrcfile.open(alone / name) as b:
             assert np.array_equal(a.data, b.data)
+
+
+def test_nan_pixel_is_found_before_any_work_and_names_the_input_row(tiny_set, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(tiny_set["particles"], folder / "particles.star")
+    shutil.copy(tiny_set["stack"], folder / "particles.mrcs")
+    with mrcfile.mmap(folder / "particles.mrcs", "r+") as mrc:
+        mrc.data[56, 10, 10] = np.nan
+    out = tmp_path / "out"
+    r = _habinit(*_tiny_args(folder / "particles.star", out))
+    assert r.returncode == 2 and "(row 57 of " in r.stderr and "57@" in r.stderr, r.stderr
+    assert "NaN or infinite pixels" in r.stderr and not out.exists()
+    # inside a half set the row is still the input's
+    particles = load_particles(folder / "particles.star")
+    half = particles.subset(np.arange(40, 160))
+    with pytest.raises(ParticleError, match=r"\(row 57 of "):
+        half.check_images()

@@ -67,6 +67,7 @@ class ParticleSet:
     half_set: np.ndarray | None
     table: StarBlock
     optics: StarBlock
+    input_row: np.ndarray | None = None  # (P,) 0-based row in the input file (None: 0..P-1)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -83,12 +84,17 @@ class ParticleSet:
             shifts=None if self.shifts is None else self.shifts[index],
             half_set=None if self.half_set is None else self.half_set[index],
             table=self.table.take(index),
+            input_row=self.rows()[index],
         )
+
+    def rows(self) -> np.ndarray:
+        """(P,) 0-based rows of the particles in the input file."""
+        return np.arange(len(self.ids)) if self.input_row is None else self.input_row
 
     def describe(self, i: int) -> str:
         """'particle <id> (row r of <file>, image <name>)' for error messages."""
         name = f"{self.slice_of[i] + 1}@{self.stacks[self.stack_of[i]]}"
-        return f"particle {self.ids[i]} (row {i + 1} of {self.source}, image {name})"
+        return f"particle {self.ids[i]} (row {self.rows()[i] + 1} of {self.source}, image {name})"
 
     def read_images(self, index) -> np.ndarray:
         """Images of particles ``index`` as float32 (B, box, box), in that order.
@@ -109,6 +115,16 @@ class ParticleSet:
             bad = int(index[np.flatnonzero(~finite)[0]])
             raise ParticleError(f"{self.describe(bad)} contains NaN or infinite pixels")
         return out
+
+    def check_images(self, chunk: int = 2000) -> None:
+        """Read every image once; a ParticleError naming the input row of the first one with NaN or inf."""
+        for start in range(0, len(self), chunk):
+            self.read_images(np.arange(start, min(start + chunk, len(self))))
+
+    @property
+    def image_bytes(self) -> int:
+        """Bytes of the particles' images as float32."""
+        return 4 * len(self) * self.box * self.box
 
 
 # --------------------------------------------------------------------------- loading
