@@ -299,3 +299,44 @@ def test_nan_pixel_is_found_before_any_work_and_names_the_input_row(tiny_set, tm
     half = particles.subset(np.arange(40, 160))
     with pytest.raises(ParticleError, match=r"\(row 57 of "):
         half.check_images()
+
+
+def test_unwritable_or_full_output_folder_is_one_line_before_any_work(tiny_set, tmp_path, monkeypatch, capsys):
+    from habinit_plugin.engine import cli
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert cli.main(_tiny_args(tiny_set["particles"], blocker / "out")) == 1
+    assert f"cannot write {blocker / 'out'}" in capsys.readouterr().err
+    monkeypatch.setattr(jobs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "full"
+    assert cli.main(_tiny_args(tiny_set["particles"], out)) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: only 0 MB free, the checkpoint and outputs need about" in err
+    assert not (out / "checkpoint").exists()
+
+
+def test_disk_full_during_the_run_is_one_line_and_the_checkpoint_stays_usable(tiny_set, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from habinit_plugin.engine import checkpoint, cli
+
+    out = tmp_path / "job"
+    args = _tiny_args(tiny_set["particles"], out)
+    saves = []
+    real_savez = checkpoint.np.savez
+
+    def savez_until_full(path, **arrays):
+        saves.append(path)
+        if len(saves) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_savez(path, **arrays)
+
+    monkeypatch.setattr(checkpoint.np, "savez", savez_until_full)
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0] and "No space left on device" in err[0]
+    assert not (out / "run.json").exists() and not list((out / "checkpoint").glob("*.tmp*"))
+    monkeypatch.setattr(checkpoint.np, "savez", real_savez)
+    assert cli.main(args) == 0  # resumes from the last complete checkpoint
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"

@@ -7,6 +7,7 @@ the files are; errors in the input end the program with one clear message.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import time
@@ -332,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR}
 RESUME_ADVICE = {
     "run": "rerun the same command to resume",
     "abinit": "habinit abinit keeps no checkpoint: rerun it to start over",
@@ -341,7 +343,7 @@ RESUME_ADVICE = {
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
-    stop.install()
+    previous = stop.install()
     try:
         args.func(args)
     except USER_ERRORS as exc:
@@ -351,9 +353,17 @@ def main(argv=None) -> int:
         advice = RESUME_ADVICE.get(args.command, "nothing was finished")
         print(f"habinit {args.command}: {exc}; {advice}", file=sys.stderr)
         return 128 + exc.signum
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        where = exc.filename or "the output folder"
+        print(f"habinit {args.command}: error: cannot write {where}: {exc.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"habinit {args.command}: stopped at once (second interrupt)", file=sys.stderr)
         return 130
+    finally:
+        stop.restore(previous)
     return 0
 
 

@@ -105,6 +105,22 @@ def _versions() -> dict:
     }
 
 
+def check_output_folder(out: Path, box: int, n_maps: int) -> None:
+    """Create ``out`` and check, before the work, that it is writable and has room for the checkpoint and
+    the outputs of ``n_maps`` maps (an OSError or a ValueError naming the folder)."""
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".habinit_write_test"
+    with open(probe, "wb") as f:
+        f.write(b"0" * 4096)
+    probe.unlink()
+    needed = n_maps * (12 * (2 * box) ** 3 + 16 * box**3)  # each map's grid and weights, maps, margins
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise ValueError(
+            f"{out}: only {free / 1e6:.0f} MB free, the checkpoint and outputs need about {needed / 1e6:.0f} MB"
+        )
+
+
 def prepare_output(out: Path, overwrite: bool) -> None:
     """Create the output folder; with ``overwrite`` remove our files (checkpoint and outputs) first."""
     if overwrite and out.exists():
@@ -155,7 +171,7 @@ def gold_standard_job(
     settings = replace(settings, abinit=abinit)
     out = Path(out)
     job = GoldStandardJob(particles, settings, out, xp=xp, memory_limit_bytes=limit)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, particles.box, n_maps=2)
     with folder_lock(out, "run"):  # before anything in the folder is read or changed
         if restart_changed and job.checkpoint.exists() and not job.checkpoint.matches():
             log.info(f"{out} holds the checkpoint of other particles or parameters: starting over")
@@ -247,7 +263,7 @@ def single_abinit_job(
     if len(particles) < 2:
         raise ValueError(f"{particles_path}: ab initio needs at least 2 particles, found {len(particles)}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, particles.box, n_maps=1)
     with folder_lock(out, "abinit"):
         return _single_abinit(particles_path, out, particles, settings, xp, limit, save_every, warnings, t0)
 

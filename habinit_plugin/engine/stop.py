@@ -31,11 +31,17 @@ def _on_signal(signum, frame) -> None:
     log.info(f"{signal.Signals(signum).name} received: stopping after the current step (again to stop at once)")
 
 
-def install() -> None:
-    """Route SIGINT and SIGTERM to the flag (the command line does this; library use keeps Python's defaults)."""
+def install() -> dict:
+    """Route SIGINT and SIGTERM to the flag (the command line does this; library use keeps Python's defaults).
+    Returns the previous handlers, for :func:`restore`."""
     _requested.clear()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _on_signal)
+    return {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore(previous: dict) -> None:
+    _requested.clear()
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def requested() -> bool:
