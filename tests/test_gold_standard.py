@@ -340,3 +340,14 @@ def test_disk_full_during_the_run_is_one_line_and_the_checkpoint_stays_usable(ti
     monkeypatch.setattr(checkpoint.np, "savez", real_savez)
     assert cli.main(args) == 0  # resumes from the last complete checkpoint
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_valid_but_meaningless_input_warns_in_log_and_run_json(tiny_set, tmp_path):
+    """295 : 5 is refused (a half set needs 10); 150 : 10 runs, with the small and unbalanced halves said."""
+    star = _with_split(tiny_set, tmp_path / "in", [1] * 150 + [2] * 10)
+    r = _habinit(*_tiny_args(star, tmp_path / "out", "--n-initial-iterations", "2", "--n-final-passes", "1"))
+    assert r.returncode == 0, r.stderr
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    text = " ".join(info["warnings"])
+    assert "only 150 and 10 particles in the half sets" in text and "unbalanced (150 : 10" in text
+    assert "warning: the half sets are unbalanced" in r.stdout

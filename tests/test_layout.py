@@ -186,3 +186,13 @@ def test_out_of_range_options_stop_the_command_before_any_work(tmp_path):
         assert out.returncode == 2 and f"error: {option} must be" in out.stderr, out.stderr
         assert "Traceback" not in out.stderr and "none.star" not in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_particle_warnings_rules():
+    from habinit_plugin.engine.settings import particle_warnings
+
+    assert particle_warnings(2500, 2500) == []
+    assert "fewer than 100" in particle_warnings(60, 70)[0]
+    assert "unbalanced (295 : 5" in " ".join(particle_warnings(295, 5))
+    assert particle_warnings(400, 1300) and not particle_warnings(400, 1200)  # 1 : 3 is the limit
+    assert "2 particle(s) have a negative defocus" in particle_warnings(500, 500, 2)[0]

@@ -50,7 +50,7 @@ from .outputs import (
 from .particles import ParticleSet, load_particles, write_particles_star
 from .passes import run_passes
 from .reconstruct import reconstruct_half_maps
-from .settings import AbinitSettings, DeviceSettings, JobSettings
+from .settings import AbinitSettings, DeviceSettings, JobSettings, particle_warnings
 from .star import StarBlock, write_star
 
 log = logging.getLogger("habinit")
@@ -171,6 +171,11 @@ def gold_standard_job(
     settings = replace(settings, abinit=abinit)
     out = Path(out)
     job = GoldStandardJob(particles, settings, out, xp=xp, memory_limit_bytes=limit)
+    used = particles.subset(job.used)
+    negative = int(np.sum((used.ctf.defocus_u < 0) | (used.ctf.defocus_v < 0)))
+    for message in particle_warnings(int(np.sum(job.half_set == 1)), int(np.sum(job.half_set == 2)), negative):
+        log.warning(f"warning: {message}")
+        warnings.append(message)
     check_output_folder(out, particles.box, n_maps=2)
     with folder_lock(out, "run"):  # before anything in the folder is read or changed
         if restart_changed and job.checkpoint.exists() and not job.checkpoint.matches():

@@ -22,6 +22,34 @@ UNIT_SYMBOLS = ("_A", "_GB")  # left out of the option names
 # Half sets smaller than this give no meaningful FSC; the protocol asks for twice as many particles.
 MIN_PARTICLES_PER_HALF = 10
 
+# Below this many particles in a half set the job runs but its map is rarely meaningful (a warning).
+FEW_PARTICLES_PER_HALF = 100
+# A split more unbalanced than 1 : UNBALANCED_SPLIT gives halves of very different quality (a warning).
+UNBALANCED_SPLIT = 3
+
+
+def particle_warnings(n_half_1: int, n_half_2: int, n_negative_defocus: int = 0) -> list[str]:
+    """Warnings for input that is valid but unlikely to give a meaningful result (the engine's log and
+    run.json, and the protocol's summary use these same rules)."""
+    warnings = []
+    if min(n_half_1, n_half_2) < FEW_PARTICLES_PER_HALF:
+        warnings.append(
+            f"only {n_half_1} and {n_half_2} particles in the half sets (fewer than {FEW_PARTICLES_PER_HALF}): "
+            "expect a noisy, low-resolution map; ab initio usually needs thousands of particles"
+        )
+    if max(n_half_1, n_half_2) > UNBALANCED_SPLIT * max(min(n_half_1, n_half_2), 1):
+        warnings.append(
+            f"the half sets are unbalanced ({n_half_1} : {n_half_2}, more than 1 : {UNBALANCED_SPLIT}): the "
+            "smaller half limits the gold-standard FSC; consider a new random split (--no-keep-split)"
+        )
+    if n_negative_defocus:
+        warnings.append(
+            f"{n_negative_defocus} particle(s) have a negative defocus (overfocus): check the CTF convention "
+            "of the input (RELION: underfocus positive)"
+        )
+    return warnings
+
+
 # ``--quick``: a short schedule for tests and demonstrations (replaces these values).
 QUICK_SCHEDULE = {
     "n_initial_iterations": 40,
@@ -171,6 +199,9 @@ def command_words(cls, name: str, value) -> list[str]:
 
 
 __all__ = [
+    "FEW_PARTICLES_PER_HALF",
+    "UNBALANCED_SPLIT",
+    "particle_warnings",
     "AbinitSettings",
     "DeviceSettings",
     "JobSettings",

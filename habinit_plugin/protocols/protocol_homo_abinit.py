@@ -23,6 +23,7 @@ from ..engine.settings import (
     JobSettings,
     command_words,
     default_of,
+    particle_warnings,
 )
 
 MIN_PARTICLES = 2 * MIN_PARTICLES_PER_HALF
@@ -466,11 +467,8 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         size = particles.getSize()
         n_use = self.numberOfParticles.get() or 0
         used = min(size, n_use) if n_use > 0 else size
-        if MIN_PARTICLES <= used < 1000:
-            warnings.append(
-                f"Only {used} particles will be used: expect a noisy, low-resolution map (ab initio usually "
-                "needs thousands of particles)."
-            )
+        if used >= MIN_PARTICLES:  # the engine's rules, on a split in two equal halves
+            warnings += [w[0].upper() + w[1:] + "." for w in particle_warnings(used // 2, used - used // 2)]
         pixel_size = particles.getSamplingRate() or 0
         maximum = self.maximumResolution.get() or 0
         if pixel_size > 0 and 0 < maximum < 2 * pixel_size:
