@@ -247,3 +247,17 @@ def test_no_result_is_written_from_a_nan_map(tmp_path):
         check_result({"half map A": volume})
     with pytest.raises(ResultError, match="the FSC is NaN"):
         check_result({}, np.array([1.0, np.nan]))
+
+
+def test_image_number_zero_says_numbers_start_at_1(good):
+    names = ["000001@stack.mrcs", "000000@stack.mrcs", "000003@stack.mrcs", "000004@stack.mrcs"]
+    with pytest.raises(ParticleError, match=r"row 2: _rlnImageName '000000@stack.mrcs': image numbers start at 1"):
+        load_particles(make_star(good, names=names))
+
+
+def test_random_bytes_are_not_called_pickled_data(tmp_path):
+    path = tmp_path / "particles.cs"
+    path.write_bytes(np.random.default_rng(3).bytes(4000))
+    with pytest.raises(ParticleError, match=r"not a cryoSPARC .cs file") as info:
+        load_particles(path)
+    assert "pickle" not in str(info.value)

@@ -291,6 +291,10 @@ def _split_image_names(table: StarBlock) -> tuple[np.ndarray, list[str]]:
             raise ParticleError(
                 f"{table.source}: row {i + 1}: _rlnImageName {name!r} is not of the form N@stack.mrcs"
             ) from None
+        if slices[-1] < 0:
+            raise ParticleError(
+                f"{table.source}: row {i + 1}: _rlnImageName {name!r}: image numbers start at 1 (N@stack.mrcs)"
+            )
         files.append(file)
     return np.array(slices, dtype=np.int64), files
 
@@ -403,6 +407,9 @@ _CS_REQUIRED = (
 
 def _tables_from_cs(path: str) -> tuple[StarBlock, StarBlock]:
     """A cryoSPARC particle .cs file as RELION 3.1 tables (as pyem's csparc2star maps them)."""
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise ParticleError(f"{path}: not a cryoSPARC .cs file (a .cs is a NumPy record array; this is not one)")
     try:
         cs = np.load(path, allow_pickle=False)
     except ValueError as exc:
