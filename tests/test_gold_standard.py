@@ -351,3 +351,19 @@ def test_valid_but_meaningless_input_warns_in_log_and_run_json(tiny_set, tmp_pat
     text = " ".join(info["warnings"])
     assert "only 150 and 10 particles in the half sets" in text and "unbalanced (150 : 10" in text
     assert "warning: the half sets are unbalanced" in r.stdout
+
+
+def test_sigterm_stops_habinit_abinit_with_one_line_and_exit_143(tiny_set, tmp_path):
+    args = ["abinit", "--particles", str(tiny_set["particles"]), "--out", str(tmp_path / "one")]
+    args += ["--n-initial-iterations", "40", "--initial-batch", "24", "--final-batch", "40"]
+    command = [sys.executable, "-m", "habinit_plugin.engine", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if "SGD iteration 10/" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert process.returncode == 143 and len(lines) == 1, stderr
+    assert "interrupted (SIGTERM) at SGD iteration" in lines[0] and "keeps no checkpoint" in lines[0]
+    assert not (tmp_path / "one" / "run.json").exists() and not (tmp_path / "one" / "habinit.lock").exists()
