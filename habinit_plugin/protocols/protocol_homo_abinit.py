@@ -23,6 +23,7 @@ from ..engine.settings import (
     JobSettings,
     command_words,
     default_of,
+    option_name,
     particle_warnings,
 )
 
@@ -374,8 +375,6 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             )
         size = particles.getSize()
         n_use = self.numberOfParticles.get() or 0
-        if n_use < 0:
-            errors.append("'Number of particles to use' cannot be negative (0 means all particles).")
         used = min(size, n_use) if n_use > 0 else size
         if used < MIN_PARTICLES:
             errors.append(
@@ -393,30 +392,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         pixel_size = particles.getSamplingRate() or 0
         if pixel_size <= 0:
             errors.append("The input particles have no pixel size (sampling rate).")
-        initial = self.initialResolution.get() or 0
-        maximum = self.maximumResolution.get() or 0
-        if initial <= 0:
-            errors.append("The initial resolution must be a positive number of Angstrom (e.g. 35).")
-        if maximum < 0:
-            errors.append("The maximum resolution cannot be negative (0 means the Nyquist limit).")
-        if maximum > 0 and initial > 0 and maximum > initial:
-            errors.append(
-                f"The maximum resolution ({maximum:g} A) must be finer, i.e. a smaller number of Angstrom, "
-                f"than the initial resolution ({initial:g} A)."
-            )
-        for name, label in (
-            ("numberOfInitialIterations", "Number of initial iterations"),
-            ("numberOfFinalIterations", "Number of final iterations"),
-            ("initialMinibatchSize", "Initial minibatch size"),
-            ("finalMinibatchSize", "Final minibatch size"),
-            ("numberOfFinalPasses", "Number of full passes"),
-        ):
-            if (getattr(self, name).get() or 0) < 1:
-                errors.append(f"'{label}' must be at least 1.")
-        if not (self.sgdResolution.get() or 0) > 0:
-            errors.append("The SGD resolution limit must be a positive number of Angstrom (e.g. 10).")
-        if not (self.learningRate.get() or 0) > 0:
-            errors.append("The learning rate must be positive (cryoSPARC's default is 0.4).")
+        errors += self._settingsErrors()
         first = particles.getFirstItem()
         if first is not None:
             filename = first.getFileName()
@@ -445,6 +421,22 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
                     "(scipion installb habinit-cupy) and point HABINIT_PYTHON at it."
                 )
         return errors
+
+    def _settingsErrors(self) -> list[str]:
+        """The engine's range checks (engine/settings.py) on the form's values, in the form's words."""
+        values: dict = {cls: {} for cls in (AbinitSettings, JobSettings, DeviceSettings)}
+        for form_name, (cls, name) in FORM_TO_SETTINGS.items():
+            values[cls][name] = _engine_value(form_name, getattr(self, form_name).get())
+        try:
+            abinit = AbinitSettings(**values[AbinitSettings])
+            JobSettings(abinit=abinit, **values[JobSettings])
+            DeviceSettings(**values[DeviceSettings])
+        except (ValueError, TypeError) as exc:
+            message = str(exc)
+            for form_name, (_, name) in sorted(FORM_TO_SETTINGS.items(), key=lambda item: -len(item[1][1])):
+                message = message.replace(option_name(name), f"'{FORM_TEXT[form_name][0]}'")
+            return [message[0].upper() + message[1:] + "."]
+        return []
 
     @staticmethod
     def _firstHasSplit(particles) -> bool:

@@ -243,3 +243,21 @@ def test_form_defaults_are_the_engine_defaults(project):
     abinit = settings_from_arguments(args, AbinitSettings)
     assert abinit.learning_rate == 0.25 and abinit.marginalise is False
     assert all(prot.getDefinition().getParam(name) is not None for name in FORM_TO_SETTINGS)
+
+
+def test_validate_uses_the_engine_ranges_in_the_form_words(project, sim32):
+    """The form's numbers are checked by the engine's own rules (engine/settings.py), named by their labels."""
+    from habinit_plugin.protocols import ProtHabinitHomoAbinitRefine
+
+    def errors(**kwargs):
+        prot = project.newProtocol(ProtHabinitHomoAbinitRefine, useGpu=False, **kwargs)
+        return prot._settingsErrors()
+
+    assert errors() == []
+    assert errors(learningRate=-1.0) == ["'Initial learning rate' must be greater than 0, got -1."]
+    assert "'Number of particles to use' must be at least 0" in errors(numberOfParticles=-5)[0]
+    assert "'Number of full passes' must be at least 1" in errors(numberOfFinalPasses=0)[0]
+    assert (
+        "'Maximum resolution (A)' 20 A is coarser than 'Initial resolution (A)' 10 A"
+        in errors(initialResolution=10.0, maximumResolution=20.0)[0]
+    )
