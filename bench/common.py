@@ -25,6 +25,7 @@ DATASETS = {
     "adk64_snr0.1": (64, density.DEFAULT_PIXEL_SIZE, 5000, 0.1, 1),
     "adk64_snr0.05": (64, density.DEFAULT_PIXEL_SIZE, 5000, 0.05, 2),
     "adk32_snr0.3": (32, 2 * density.DEFAULT_PIXEL_SIZE, 1000, 0.3, 3),
+    "adk256_snr0.1": (256, density.DEFAULT_PIXEL_SIZE / 2, 2000, 0.1, 4),
 }
 
 

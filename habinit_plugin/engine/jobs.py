@@ -65,9 +65,9 @@ def open_device(device: DeviceSettings):
 
 
 # Images are scanned for NaN/inf before any work on the CPU, and on a GPU when they take at most this much
-# (float32). Measured: 82 MB (5,000 box-64 particles) scan in 0.36 s, 0.1% of the 330 s CPU job; on an H100
-# the job takes about 1 ms a particle at box 128, and a scan of its 64 kB at ~230 MB/s over a quarter of
-# that: a larger GPU job checks the images as it reads them instead, naming the input row all the same.
+# (float32). Measured (bench/input_checks.py): 0.8-1 GB/s, 0.03% of a CPU job at box 64 or 256, but 6-8% of
+# an H100 job (est.): a GPU job scans up to 200 MB (a quarter of a second) up front, and checks larger stacks
+# as it reads them, naming the input row all the same.
 GPU_SCAN_LIMIT_BYTES = 2e8
 
 
