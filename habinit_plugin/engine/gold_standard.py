@@ -166,9 +166,9 @@ class GoldStandardJob:
             if t % self.settings.align_every == 0 or t == total:
                 self._monitor(t)
             if stop.requested():
-                self.save()
-                stop.check(f"SGD iteration {t}/{total} (checkpoint saved)")
-            self._maybe_save()
+                self.save()  # run_sgd stops right after this
+            else:
+                self._maybe_save()
 
         run_sgd(self.runs, after_iteration, self.state["timings"])
         self.state["phase"] = "passes"

@@ -123,11 +123,10 @@ def check_output_folder(out: Path, box: int, n_maps: int) -> None:
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
-    """Create the output folder; with ``overwrite`` remove our files (checkpoint and outputs) first."""
+    """With ``overwrite``, remove our files (checkpoint and completion) from the output folder."""
     if overwrite and out.exists():
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
         clear_completion(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def check_result(maps: dict[str, np.ndarray], curve: np.ndarray | None = None) -> None:
@@ -172,8 +171,8 @@ def gold_standard_job(
     settings = replace(settings, abinit=abinit)
     out = Path(out)
     job = GoldStandardJob(particles, settings, out, xp=xp, memory_limit_bytes=limit)
-    used = particles.subset(job.used)
-    negative = int(np.sum((used.ctf.defocus_u < 0) | (used.ctf.defocus_v < 0)))
+    ctf = particles.ctf.subset(job.used)
+    negative = int(np.sum((ctf.defocus_u < 0) | (ctf.defocus_v < 0)))
     for message in particle_warnings(int(np.sum(job.half_set == 1)), int(np.sum(job.half_set == 2)), negative):
         log.warning(f"warning: {message}")
         warnings.append(message)

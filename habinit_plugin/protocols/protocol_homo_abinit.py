@@ -310,13 +310,21 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         except outputs.OutputError:
             return {}
 
-    def _engineWords(self) -> list[str]:
-        """The engine's options for this form (through FORM_TO_SETTINGS and the settings' option names)."""
-        words = []
+    def _settingsValues(self) -> dict[type, dict]:
+        """The form's values as the engine's settings fields, by settings class (through FORM_TO_SETTINGS)."""
+        values: dict[type, dict] = {cls: {} for cls in (AbinitSettings, JobSettings, DeviceSettings)}
         for form_name, (cls, name) in FORM_TO_SETTINGS.items():
+            values[cls][name] = _engine_value(form_name, getattr(self, form_name).get())
+        return values
+
+    def _engineWords(self) -> list[str]:
+        """The engine's options for this form (the settings' option names)."""
+        words = []
+        for cls, values in self._settingsValues().items():
             if cls is DeviceSettings and not self.usesGpu():
                 continue
-            words += command_words(cls, name, _engine_value(form_name, getattr(self, form_name).get()))
+            for name, value in values.items():
+                words += command_words(cls, name, value)
         words += command_words(DeviceSettings, "device", "gpu" if self.usesGpu() else "cpu")
         if self.quickSchedule:
             words.append("--quick")  # replaces the numbers of iterations and minibatch sizes
@@ -424,9 +432,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
 
     def _settingsErrors(self) -> list[str]:
         """The engine's range checks (engine/settings.py) on the form's values, in the form's words."""
-        values: dict = {cls: {} for cls in (AbinitSettings, JobSettings, DeviceSettings)}
-        for form_name, (cls, name) in FORM_TO_SETTINGS.items():
-            values[cls][name] = _engine_value(form_name, getattr(self, form_name).get())
+        values = self._settingsValues()
         try:
             abinit = AbinitSettings(**values[AbinitSettings])
             JobSettings(abinit=abinit, **values[JobSettings])

@@ -31,6 +31,13 @@ sys.meta_path.insert(0, Block())
 """
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh interpreter (a clean sys.modules); fails the test when it fails."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 @pytest.mark.no_scipion
 def test_engine_and_package_import_without_scipion():
     """The engine (every module) and the package root import where Scipion cannot be imported."""
@@ -44,8 +51,7 @@ def test_engine_and_package_import_without_scipion():
         "try:\n    habinit_plugin.Plugin\nexcept ImportError as exc:\n    print('no Plugin:', exc)\n"
         "print(len(names), 'engine modules')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    out = _python(code)
     assert "engine modules" in out.stdout and "no Plugin" in out.stdout
     cli = subprocess.run(
         [sys.executable, "-c", BLOCK_SCIPION + "from habinit_plugin.engine.cli import main; main(['--help'])"],
@@ -219,8 +225,7 @@ def test_protocol_loads_no_numerical_engine_module():
         "assert not loaded, loaded\n"
         "print(sorted(engine))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    _python(code)
 
 
 def test_form_defaults_are_the_engine_defaults(project):
