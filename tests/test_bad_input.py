@@ -7,6 +7,7 @@ import mrcfile
 import numpy as np
 import pytest
 
+from habinit_plugin.engine.halves import assign_half_sets
 from habinit_plugin.engine.particles import ParticleError, load_particles
 from habinit_plugin.engine.star import StarBlock, write_star
 
@@ -201,10 +202,48 @@ def test_non_finite_optics_value_is_refused(good):
 
 
 def test_duplicated_images_are_refused_with_their_rows(good):
-    """The same image on two rows could be put in both half sets: refused, naming the rows and the image."""
+    """The same image on two rows could be put in both half sets: the split refuses it, naming the input
+    rows and the image, and says how to keep them."""
     names = ["000001@stack.mrcs", "000002@stack.mrcs", "000003@stack.mrcs", "000002@stack.mrcs"]
+    particles = load_particles(make_star(good, names=names))
     with pytest.raises(ParticleError, match=r"rows 2, 4 hold the same image 2@.*stack.mrcs; 1 image\(s\) appear"):
-        load_particles(make_star(good, names=names))
+        assign_half_sets(particles, seed=0)
+    with pytest.raises(ParticleError, match=r"rows 2, 4 hold the same image"):  # input rows, not subset positions
+        assign_half_sets(particles.subset([2, 3, 1]), seed=0)
+
+
+def _merged_set(folder, n_images=58, n_copies=42, split=None):
+    """100 rows: 58 images of which 42 stand on two rows, in shuffled order (a merge of two picking jobs)."""
+    make_stack(folder / "stack.mrcs", n=n_images)
+    rng = np.random.default_rng(4)
+    index = rng.permutation(np.concatenate([np.arange(n_images), rng.choice(n_images, n_copies, replace=False)]))
+    names = [f"{i + 1:06d}@stack.mrcs" for i in index]
+    columns = {"rlnRandomSubset": split(index)} if split else {}
+    return load_particles(make_star(folder, n=len(names), names=names, columns=columns)), index
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_kept_duplicates_stay_in_one_half_set(tmp_path, seed):
+    """With keep_duplicates, 42 of 58 images on two rows: every copy of an image in the same half set, the
+    halves balanced to within one image's copies, and the same split for the same seed."""
+    particles, image = _merged_set(tmp_path)
+    half, how = assign_half_sets(particles, seed=seed, keep_duplicates=True)
+    assert "random split of the images" in how
+    for i in np.unique(image):
+        assert len(np.unique(half[image == i])) == 1
+    assert abs(int(np.sum(half == 1)) - int(np.sum(half == 2))) <= 2
+    assert np.array_equal(half, assign_half_sets(particles, seed=seed, keep_duplicates=True)[0])
+
+
+def test_an_input_split_that_separates_copies_is_refused(tmp_path):
+    particles, image = _merged_set(tmp_path, split=lambda index: 1 + np.arange(len(index)) % 2)
+    with pytest.raises(ParticleError, match=r"rows \d+, \d+ hold the same image but the input split puts them in"):
+        assign_half_sets(particles, seed=0, keep_duplicates=True)
+    folder = tmp_path / "consistent"
+    folder.mkdir()
+    particles, image = _merged_set(folder, split=lambda index: 1 + index % 2)
+    half, how = assign_half_sets(particles, seed=0, keep_duplicates=True)
+    assert how.startswith("input split") and np.array_equal(half, 1 + image % 2)
 
 
 def test_cli_refuses_a_nan_defocus_before_any_work(good, tmp_path):
@@ -261,3 +300,26 @@ def test_random_bytes_are_not_called_pickled_data(tmp_path):
     with pytest.raises(ParticleError, match=r"not a cryoSPARC .cs file") as info:
         load_particles(path)
     assert "pickle" not in str(info.value)
+
+
+def test_a_data_images_block_takes_the_pixel_size_from_data_optics(good):
+    """A particles block under another name (data_images) still uses the file's data_optics."""
+    path = make_star(good)
+    path.write_text(path.read_text().replace("data_particles", "data_images"))
+    particles = load_particles(path)
+    assert len(particles) == 4 and particles.pixel_size == 1.5
+
+
+@pytest.mark.parametrize("keep, values", [(4, 4), (8, 8)])
+def test_a_ragged_row_is_named_with_its_count(good, capsys, keep, values):
+    """A row with too few or too many values: the row, line and counts, nothing of emtable's internals."""
+    path = make_star(good)
+    lines = path.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("000002@"))
+    words = lines[at].split()
+    lines[at] = " ".join(words[:keep] if keep < len(words) else words + ["7"] * (keep - len(words)))
+    path.write_text("\n".join(lines) + "\n")
+    message = rf"{path}: data_particles row 2 \(line {at + 1}\) has {values} values for 6 columns$"
+    with pytest.raises(ParticleError, match=message):
+        load_particles(path)
+    assert capsys.readouterr().out == ""

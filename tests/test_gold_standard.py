@@ -367,3 +367,50 @@ def test_sigterm_stops_habinit_abinit_with_one_line_and_exit_143(tiny_set, tmp_p
     assert process.returncode == 143 and len(lines) == 1, stderr
     assert "interrupted (SIGTERM) at SGD iteration" in lines[0] and "keeps no checkpoint" in lines[0]
     assert not (tmp_path / "one" / "run.json").exists() and not (tmp_path / "one" / "habinit.lock").exists()
+
+
+def _split_name(image_name: str) -> tuple[str, str]:
+    index, stack = image_name.split("@")
+    return index, stack
+
+
+def _with_duplicated_rows(paths, folder: Path, copies: np.ndarray) -> Path:
+    """The set with the rows ``copies`` appended once more (new image ids, same images), as a merge of two
+    picking jobs gives."""
+    folder.mkdir()
+    blocks = read_star(paths["particles"])
+    table = blocks["particles"]
+    n = len(table)
+    extra = table.take(copies)
+    if extra.has("rlnImageId"):
+        extra.set_column("rlnImageId", np.arange(n + 1, n + 1 + len(copies)))
+    table.rows += extra.rows
+    here = Path(paths["particles"]).parent
+    table.set_column(
+        "rlnImageName", [f"{i}@{here / stack}" for i, stack in map(_split_name, table.text("rlnImageName"))]
+    )
+    write_star(folder / "particles.star", list(blocks.values()))
+    return folder / "particles.star"
+
+
+def test_duplicated_images_never_reach_both_half_sets(tiny_set, tmp_path):
+    """40 of 160 images on two rows: `run` refuses them naming the rows (exit 2, nothing written); with
+    --keep-duplicates every copy is kept, each image in one half set only, every row out exactly once."""
+    path = _with_duplicated_rows(tiny_set, tmp_path / "merged", np.arange(0, 80, 2))
+    refused = _habinit(*_tiny_args(path, tmp_path / "refused"))
+    assert refused.returncode == 2, refused.stderr
+    assert "rows 1, 161 hold the same image 1@" in refused.stderr and "40 image(s) appear" in refused.stderr
+    assert "--keep-duplicates" in refused.stderr and not (tmp_path / "refused").exists()
+
+    out = tmp_path / "kept"
+    kept = _habinit(*_tiny_args(path, out, "--keep-duplicates", "--n-initial-iterations", "2", "--n-final-passes", "1"))
+    assert kept.returncode == 0, kept.stderr
+    assert "40 image(s) stand on more than one row" in kept.stdout
+    table = read_star(out / "particles.star")["particles"]
+    subset_of_image: dict[str, set] = {}
+    for name, subset in zip(table.text("rlnImageName"), table.ints("rlnRandomSubset")):
+        subset_of_image.setdefault(name, set()).add(int(subset))
+    assert len(subset_of_image) == 160 and all(len(s) == 1 for s in subset_of_image.values())
+    assert sorted(table.ints("rlnImageId")) == list(range(1, 201))
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and any("stand on more than one row" in w for w in info["warnings"])

@@ -23,7 +23,16 @@ from .jobs import gold_standard_job, reconstruct_job, single_abinit_job
 from .mrc import MRCError, read_map, write_map
 from .outputs import HALF_MAP_A, HALF_MAP_B, fsc_curve, fsc_report, write_json
 from .particles import ParticleError
-from .settings import QUICK_SCHEDULE, AbinitSettings, DeviceSettings, JobSettings, cli_fields, option_name, unit_of
+from .settings import (
+    QUICK_SCHEDULE,
+    AbinitSettings,
+    DeviceSettings,
+    JobSettings,
+    cli_fields,
+    help_of,
+    option_name,
+    unit_of,
+)
 from .simulate import SimulationSettings, simulate_dataset
 from .so3 import matrix_to_euler
 from .star import StarError
@@ -93,6 +102,7 @@ def add_reconstruct(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the random split (when no rlnRandomSubset)")
     p.add_argument("--no-keep-split", action="store_true", help="ignore an input rlnRandomSubset")
+    p.add_argument("--keep-duplicates", action="store_true", help=help_of(JobSettings, "keep_duplicates"))
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--image-root", help="folder that relative image paths are relative to")
     add_settings_arguments(p, DeviceSettings)
@@ -108,6 +118,7 @@ def run_reconstruct(args) -> dict:
         args.batch_size,
         settings_from_arguments(args, DeviceSettings),
         args.image_root,
+        args.keep_duplicates,
     )
 
 
@@ -188,6 +199,7 @@ def run_demo(args) -> dict:
         out=str(out / "reconstruction"),
         seed=args.seed,
         no_keep_split=False,
+        keep_duplicates=False,
         batch_size=1000,
         image_root=None,
         device=args.device,

@@ -78,7 +78,9 @@ def choose_particles(particles: ParticleSet, settings: JobSettings) -> tuple[np.
     # like cryoSPARC's "number of particles to use": the first N in input order
     used = np.arange(min(n, settings.n_particles) if settings.n_particles > 0 else n)
     unused = np.setdiff1d(np.arange(n), used)
-    half, how = assign_half_sets(particles.subset(used), settings.abinit.seed, keep_existing=settings.keep_split)
+    half, how = assign_half_sets(
+        particles.subset(used), settings.abinit.seed, settings.keep_split, settings.keep_duplicates
+    )
     for h in (1, 2):
         count = int(np.sum(half == h))
         if count < MIN_PARTICLES_PER_HALF:

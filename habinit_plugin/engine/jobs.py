@@ -24,7 +24,7 @@ from .folder_lock import folder_lock
 from .fsc import fsc, resolution_at
 from .gold_standard import GoldStandardJob, JobResult
 from .gpu_budget import set_gpu_memory_limit
-from .halves import assign_half_sets
+from .halves import assign_half_sets, duplicated_images, refuse_duplicated_images
 from .mrc import write_map
 from .outputs import (
     CHECKPOINT,
@@ -71,15 +71,38 @@ def open_device(device: DeviceSettings):
 GPU_SCAN_LIMIT_BYTES = 2e8
 
 
-def open_job(particles_path: str, image_root: str | None, device: DeviceSettings, settings: AbinitSettings):
+def open_job(
+    particles_path: str,
+    image_root: str | None,
+    device: DeviceSettings,
+    settings: AbinitSettings,
+    keep_duplicates: bool = True,
+):
     """(array module, GPU memory limit, particles, settings with the maximum resolution clamped, warnings).
 
-    Everything about the input that can be checked before the work is checked here."""
+    Everything about the input that can be checked before the work is checked here; images on several
+    rows are refused unless ``keep_duplicates``."""
     xp, limit = open_device(device)
     particles = load_particles(particles_path, image_root=image_root)
+    if not keep_duplicates:
+        refuse_duplicated_images(particles)
     if xp is np or particles.image_bytes <= GPU_SCAN_LIMIT_BYTES:
         particles.check_images()
-    return (xp, limit, particles, *clamp_max_resolution(settings, particles.pixel_size))
+    settings, warnings = clamp_max_resolution(settings, particles.pixel_size)
+    return xp, limit, particles, settings, warnings + duplicate_warnings(particles)
+
+
+def duplicate_warnings(particles: ParticleSet) -> list[str]:
+    """The warning (logged) for images kept on several rows, or none."""
+    n_images, _ = duplicated_images(particles)
+    if not n_images:
+        return []
+    message = (
+        f"{n_images} image(s) stand on more than one row: each copy counts as a particle (the copies of an "
+        "image are kept in one half set)"
+    )
+    log.warning(f"warning: {message}")
+    return [message]
 
 
 def clamp_max_resolution(settings: AbinitSettings, pixel_size: float) -> tuple[AbinitSettings, list[str]]:
@@ -167,7 +190,9 @@ def gold_standard_job(
     particles or parameters) instead of refusing it.
     """
     t0 = time.time()
-    xp, limit, particles, abinit, warnings = open_job(particles_path, image_root, device, settings.abinit)
+    xp, limit, particles, abinit, warnings = open_job(
+        particles_path, image_root, device, settings.abinit, settings.keep_duplicates
+    )
     settings = replace(settings, abinit=abinit)
     out = Path(out)
     job = GoldStandardJob(particles, settings, out, xp=xp, memory_limit_bytes=limit)
@@ -317,11 +342,13 @@ def reconstruct_job(
     batch_size: int = 1000,
     device: DeviceSettings = CPU,
     image_root: str | None = None,
+    keep_duplicates: bool = False,
 ) -> dict:
     """``habinit reconstruct``: Wiener half maps from known poses, their FSC (fsc.json, as ``run``'s)."""
     xp, limit = open_device(device)
     particles = load_particles(particles_path, image_root=image_root)
-    half, how = assign_half_sets(particles, seed, keep_existing=keep_split)
+    half, how = assign_half_sets(particles, seed, keep_split, keep_duplicates)
+    duplicate_warnings(particles)
     log.info(
         f"{len(particles)} particles, box {particles.box}, {particles.pixel_size:g} A/px, {how}; "
         f"device {device_name(xp)}"

@@ -162,7 +162,7 @@ def _tables_from_star(path: str) -> tuple[StarBlock, StarBlock]:
         candidates = [b for b in blocks.values() if b.has("rlnImageName")]
         if not candidates:
             raise ParticleError(f"{path}: no block with an _rlnImageName column (not a particles STAR file)")
-        table, optics = candidates[0], None
+        table, optics = candidates[0], blocks.get("optics")
         table.name = "particles"
     if len(table) == 0:
         raise ParticleError(f"{path}: the particles block is empty")
@@ -344,29 +344,11 @@ def _check_stacks(table: StarBlock, files, slices, image_root) -> tuple[list[str
     return stacks, stack_of.astype(np.int32), int(box)
 
 
-def _check_unique_images(table: StarBlock, stacks: list[str], stack_of: np.ndarray, slices: np.ndarray) -> None:
-    """A ParticleError naming the rows when one image (same stack and index) stands on several rows: the
-    copies could land in both half sets and inflate the gold-standard FSC."""
-    key = stack_of.astype(np.int64) * (int(slices.max()) + 1) + slices
-    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
-    repeated = np.flatnonzero(counts[inverse] > 1)
-    if len(repeated) == 0:
-        return
-    rows = np.flatnonzero(key == key[repeated[0]])
-    first = int(rows[0])
-    raise ParticleError(
-        f"{table.source}: rows {', '.join(str(r + 1) for r in rows[:5])} hold the same image "
-        f"{slices[first] + 1}@{stacks[stack_of[first]]}; {int(np.sum(counts > 1))} image(s) appear on more "
-        "than one row (merged particle sets?): remove the duplicated rows first"
-    )
-
-
 def _particle_set(path: str, table: StarBlock, optics: StarBlock, image_root) -> ParticleSet:
     pixel_size = _single_pixel_size(table, optics)
     ctf = _ctf_from_tables(table, optics)
     slices, files = _split_image_names(table)
     stacks, stack_of, box = _check_stacks(table, files, slices, image_root)
-    _check_unique_images(table, stacks, stack_of, slices)
     n = len(table)
     if table.has("rlnImageId"):
         ids = table.ints("rlnImageId")

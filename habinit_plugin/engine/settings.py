@@ -143,6 +143,9 @@ class JobSettings:
     abinit: AbinitSettings = field(default_factory=AbinitSettings)
     n_particles: int = parameter(0, "use the first N particles (0: all; the rest are unused)", minimum=0)
     keep_split: bool = parameter(True, "keeping an input rlnRandomSubset / cryoSPARC split (off: a new random split)")
+    keep_duplicates: bool = parameter(
+        False, "keep images that stand on several rows (merged sets), all copies of one in the same half set"
+    )
     align_every: int = parameter(40, "SGD iterations between half-map alignments", minimum=1)
     checkpoint_minutes: float = parameter(2.0, "time between checkpoints", minimum=0)
 
@@ -181,6 +184,11 @@ def cli_fields(cls) -> list[Field]:
     return [f for f in fields(cls) if f.metadata.get("cli", False)]
 
 
+def help_of(cls, name: str) -> str:
+    """The help text of a settings field."""
+    return cls.__dataclass_fields__[name].metadata["help"]
+
+
 def default_of(cls, name: str):
     """The default value of field ``name`` of a settings class."""
     f = next(f for f in fields(cls) if f.name == name)
@@ -210,6 +218,7 @@ __all__ = [
     "cli_fields",
     "command_words",
     "default_of",
+    "help_of",
     "option_name",
     "unit_of",
 ]

@@ -7,7 +7,10 @@ written back unchanged. Numeric access goes through :meth:`StarBlock.floats` and
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,9 +130,13 @@ def read_star(path: str | Path) -> dict[str, StarBlock]:
         names = block_names(path)
         if not names:
             raise StarError(f"{path}: no data_ block found (is this a STAR file?)")
+        ragged = _ragged_row(path)  # emtable drops extra values without a word
+        if ragged:
+            raise StarError(ragged)
         for name in names:
             table = Table()
-            with open(path) as f:  # one pass per block: emtable may consume the next header
+            # one pass per block (emtable may consume the next header); emtable prints its internals on errors
+            with open(path) as f, contextlib.redirect_stdout(io.StringIO()):
                 table.readStar(f, name, guessType=False)
             rows = [list(r) for r in table]
             blocks[name] = StarBlock(name, table.getColumnNames(), rows, path)
@@ -138,6 +145,29 @@ def read_star(path: str | Path) -> dict[str, StarBlock]:
     except Exception as exc:  # emtable raises bare Exceptions on malformed files
         raise StarError(f"{path}: cannot be parsed as STAR ({exc})") from exc
     return blocks
+
+
+def _ragged_row(path: str) -> str | None:
+    """'file: data_x row r has n values for m columns' for the first loop row of the wrong length, or None."""
+    block, columns, row = "", 0, 0
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            text = line.strip()
+            if text.startswith("data_"):
+                block, columns, row = text[5:], 0, 0
+            elif text.startswith("_") and row == 0:
+                columns += 1
+            elif text and not text.startswith(("#", "loop_")) and columns:
+                row += 1
+                try:
+                    values = len(shlex.split(text, comments=True) if any(q in text for q in "\"'#") else text.split())
+                except ValueError:
+                    return f"{path}: data_{block} row {row} (line {line_number}) has an unclosed quote"
+                if values != columns:
+                    return (
+                        f"{path}: data_{block} row {row} (line {line_number}) has {values} values for {columns} columns"
+                    )
+    return None
 
 
 def write_star(path: str | Path, blocks: list[StarBlock]) -> None:

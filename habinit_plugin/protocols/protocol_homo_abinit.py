@@ -35,6 +35,7 @@ MIN_PARTICLES = 2 * MIN_PARTICLES_PER_HALF
 FORM_TO_SETTINGS = {
     "numberOfParticles": (JobSettings, "n_particles"),
     "keepSplit": (JobSettings, "keep_split"),
+    "keepDuplicates": (JobSettings, "keep_duplicates"),
     "initialResolution": (AbinitSettings, "initial_resolution_A"),
     "maximumResolution": (AbinitSettings, "max_resolution_A"),
     "numberOfInitialIterations": (AbinitSettings, "n_initial_iterations"),
@@ -65,6 +66,13 @@ FORM_TEXT = {
         "If the particles already carry a half-set label (_rlnRandomSubset 1/2, e.g. from a previous "
         "RELION or cryoSPARC refinement), keep it so that later refinements stay gold-standard. "
         "Otherwise the particles are split at random.",
+    ),
+    "keepDuplicates": (
+        "Keep duplicated images?",
+        "A merged set can hold the same image (same stack and index) more than once. By default the job "
+        "refuses such input, because copies of one image in both half sets would inflate the gold-standard "
+        "FSC. Yes keeps every copy and puts all copies of an image in the same half set (each copy still "
+        "counts as a particle); removing the duplicates first is usually better.",
     ),
     "initialResolution": (
         "Initial resolution (A)",
@@ -137,6 +145,7 @@ FORM_TEXT = {
     ),
 }
 BASIC_PARAMS = ("numberOfParticles", "keepSplit", "initialResolution", "maximumResolution")
+INPUT_PARAMS = ("numberOfParticles", "keepSplit", "keepDuplicates")
 
 
 def _default(form_name: str):
@@ -220,11 +229,11 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             help="Particles with CTF information, usually the particles of the good classes of a 2D "
             "classification. No reference volume is needed: the map is built from the particles alone.",
         )
-        for name in ("numberOfParticles", "keepSplit"):
+        for name in INPUT_PARAMS:
             _add_engine_param(form, name)
         form.addSection(label="Ab initio")
         for name in FORM_TEXT:
-            if name not in ("numberOfParticles", "keepSplit"):
+            if name not in INPUT_PARAMS:
                 _add_engine_param(form, name)
         form.addParam(
             "quickSchedule",
