@@ -1,0 +1,158 @@
+"""Point groups in RELION's conventions, the asymmetric unit of the pose grid, symmetrised grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from habinit_plugin.engine import symmetry
+from habinit_plugin.engine.projector import volume_to_grid
+from habinit_plugin.engine.so3 import grid_rotations, grid_spacing, random_rotations, rotvec_to_matrix
+from habinit_plugin.engine.symmetry import (
+    SymmetryError,
+    asymmetric_unit,
+    canonical_poses,
+    distance_modulo,
+    point_group,
+    snap_to_normaliser,
+    symmetry_name,
+)
+
+ORDERS = {"C1": 1, "C2": 2, "C3": 3, "C7": 7, "D2": 4, "D7": 14, "T": 12, "O": 24, "I": 60}
+
+
+def _contains(group, matrix, tolerance: float = 1e-9) -> bool:
+    return bool(np.min(np.abs(group - matrix).reshape(len(group), -1).max(axis=1)) < tolerance)
+
+
+@pytest.mark.parametrize("name, order", ORDERS.items())
+def test_each_group_is_a_group_of_its_order(name, order):
+    """Closure, inverses, identity, proper rotations, no element twice."""
+    group = point_group(name)
+    assert len(group) == order and np.allclose(group[0], np.eye(3))
+    assert np.allclose(np.einsum("gij,gkj->gik", group, group), np.eye(3), atol=1e-12)
+    assert np.allclose(np.linalg.det(group), 1.0)
+    for a in group:
+        assert _contains(group, a.T)
+        for b in group:
+            assert _contains(group, a @ b)
+    distinct = np.abs(group[:, None] - group[None]).reshape(order, order, -1).max(axis=2) + np.eye(order)
+    assert distinct.min() > 1e-3
+
+
+def _turn(axis, degrees):
+    axis = np.asarray(axis, dtype=float)
+    return rotvec_to_matrix(axis / np.linalg.norm(axis) * np.deg2rad(degrees))
+
+
+@pytest.mark.parametrize(
+    "name, element",
+    [
+        ("C4", np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]])),  # 90 degrees about z
+        ("D2", np.diag([1, -1, -1])),  # RELION's Dn: 2-fold about x
+        ("D7", np.diag([1, -1, -1])),
+        ("D3", _turn([np.cos(np.pi / 3), np.sin(np.pi / 3), 0], 180)),  # the other 2-folds, in the xy plane
+        ("O", np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]])),  # 3-fold along (1, 1, 1): x -> y -> z
+        ("O", _turn([1, 0, 0], 90)),  # 4-folds along x, y and z
+        ("T", _turn([0, 0.816496, 0.577350], 180)),  # RELION's T: 2-fold along (0, 0.816496, 0.577350)
+        ("T", _turn([0, 0, 1], 120)),
+        ("I", np.diag([-1, -1, 1])),  # RELION's I2: 2-fold along z
+        ("I", _turn([0.525731112119, 0, 0.850650808354], 72)),  # 5-fold
+        ("I", _turn([0, 0.356822089773, 0.934172358963], 120)),  # 3-fold
+        ("I", np.diag([1, -1, -1])),  # I2 also has 2-folds along x and y
+    ],
+)
+def test_elements_checked_by_hand_against_relion(name, element):
+    """RELION gives its axes to 6-12 digits."""
+    assert _contains(point_group(name), element, tolerance=1e-5)
+
+
+def test_o_and_t_do_not_contain_what_relion_s_do_not():
+    assert not _contains(point_group("T"), _turn([0, 0, 1], 90))  # T has no 4-fold
+    assert not _contains(point_group("I"), _turn([0, 0, 1], 72))  # I2's 5-folds are not along z
+
+
+@pytest.mark.parametrize("text, name", [("c1", "C1"), (" d7 ", "D7"), ("I2", "I"), ("o", "O"), ("C12", "C12")])
+def test_names_are_read_as_relion_writes_them(text, name):
+    assert symmetry_name(text) == name
+
+
+@pytest.mark.parametrize("text", ["", "C0", "D1", "X3", "Cn", "I5", "C-2", "D2h"])
+def test_unknown_names_list_the_valid_forms(text):
+    with pytest.raises(SymmetryError, match=r"unknown symmetry .*: use C1, Cn \(n >= 2\), Dn \(n >= 2\), T, O or I"):
+        symmetry_name(text)
+
+
+@pytest.mark.parametrize("name", ["C2", "C3", "C7", "D2", "D7", "T", "O", "I"])
+def test_the_asymmetric_unit_covers_the_poses_once(name):
+    """Hopf level 3 (7.5 degrees): the asymmetric unit holds 1/|G| of the grid, and its copies under the group
+    are a grid as dense as the whole grid everywhere (as many points near every random rotation, on average)
+    that leaves every rotation within the grid spacing of one of its points."""
+    level, group = 3, point_group(name)
+    full = grid_rotations(level)
+    unit = full[asymmetric_unit(level, name)]
+    # an n-fold axis along z that does not divide the grid's 48 turns about z: the unit holds 6 or 7 turns
+    n_psi, fold = 6 * 2**level, int(name[1:]) if name[0] in "CD" else 1
+    tolerance = 0.03 if n_psi % fold == 0 else fold / n_psi
+    assert abs(len(unit) * len(group) / len(full) - 1.0) < tolerance
+    copies = np.einsum("pij,gjk->pgik", unit, group).reshape(-1, 3, 3)
+    sample = random_rotations(1500, np.random.default_rng(0))
+
+    def near(points, radius_deg):
+        traces = np.einsum("sij,pij->sp", sample, points)
+        angles = np.rad2deg(np.arccos(np.clip((traces - 1) / 2, -1, 1)))
+        return angles.min(axis=1), (angles < radius_deg).sum(axis=1)
+
+    nearest_full, count_full = near(full, 10.0)
+    nearest_unit, count_unit = near(copies, 10.0)
+    assert nearest_unit.max() <= grid_spacing(level) and nearest_full.max() <= grid_spacing(level)
+    assert abs(count_unit.mean() / count_full.mean() - 1.0) < tolerance + 0.01
+    poses = canonical_poses(sample, name)
+    assert np.allclose(symmetry.canonical_poses(poses, name), poses)  # canonical poses stay put
+    assert np.allclose(distance_modulo(sample, poses, name), 0.0, atol=1e-5)
+
+
+def test_distance_modulo_the_group_sees_equivalent_poses_as_one():
+    rng = np.random.default_rng(1)
+    a = random_rotations(50, rng)
+    group = point_group("D7")
+    b = a @ group[rng.integers(0, len(group), 50)] @ _turn([0.3, -0.2, 0.9], 2.0)
+    assert np.allclose(distance_modulo(a, b, "D7"), 2.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["C3", "D2", "D5", "T", "O", "I"])
+def test_snapping_to_the_normaliser_recovers_a_turn_that_keeps_the_axes(name):
+    """Two half maps built in the same frame differ by a rotation that maps the group onto itself: found
+    again from a guess 3 degrees off."""
+    rng = np.random.default_rng(2)
+    if name[0] == "C":
+        exact = _turn([0, 0, 1], 77.0) @ np.diag([1.0, -1.0, -1.0])
+    else:
+        exact = symmetry._normaliser_elements(name)[5]
+    guess = exact @ rotvec_to_matrix(np.deg2rad(3.0) * rng.normal(size=3) / np.sqrt(3))
+    snapped = snap_to_normaliser(guess, name)
+    if name[0] == "C":  # any turn about the axis keeps it: the guess's own turn, the axis exactly
+        assert distance_modulo(snapped, exact, "C1")[0] < 3.5 and np.allclose(snapped[:, 2], exact[:, 2])
+    else:
+        assert np.allclose(snapped, exact, atol=1e-9)
+    group = point_group(name)
+    mapped = np.einsum("ij,gjk,lk->gil", snapped, group, snapped)
+    assert all(_contains(group, m) for m in mapped)  # the axes are kept
+    if name in ("D2", "T"):
+        assert len(symmetry._normaliser_elements(name)) == 24
+
+
+def test_a_symmetrised_grid_is_symmetric_and_keeps_a_symmetric_one():
+    """sum_L grid(L k): invariant under the group; a map that already has the symmetry comes back |G| times
+    itself (up to trilinear interpolation)."""
+    rng = np.random.default_rng(3)
+    volume = np.zeros((24, 24, 24), dtype=np.float32)
+    volume[8:16, 9:14, 10:17] = rng.random((8, 5, 7))
+    grid = volume_to_grid(volume, 2)
+    once = symmetry.symmetrise_grid(grid, "D2", 2)
+    twice = symmetry.symmetrise_grid(once, "D2", 2)
+    inner = symmetry._sphere_coordinates(48, 2, np)[1]
+    core = np.flatnonzero(np.abs(np.asarray(symmetry._sphere_coordinates(48, 2, np)[0])).max(axis=1) < 8)
+    a, b = once.reshape(-1)[inner][core], twice.reshape(-1)[inner][core] / 4
+    assert np.abs(a - b).max() < 0.02 * np.abs(a).max()
+    assert symmetry.symmetrise_grid(grid, "C1", 2) is grid
