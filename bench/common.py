@@ -17,12 +17,16 @@ from habinit_plugin.engine.mrc import read_map
 from habinit_plugin.engine.particles import load_particles
 from habinit_plugin.engine.reconstruct import reconstruct_half_maps
 from habinit_plugin.engine.simulate import SimulationSettings, simulate_dataset
+from habinit_plugin.engine.symmetry import point_group
 
 OUT = Path(__file__).parent / "out"
 
 DATASETS = {
-    # name: (box, pixel size A, particles, SNR, simulation seed)
+    # name: (box, pixel size A, particles, SNR, simulation seed[, point group of the particle])
     "adk64_snr0.1": (64, density.DEFAULT_PIXEL_SIZE, 5000, 0.1, 1),
+    "c2_64_snr0.05": (64, density.DEFAULT_PIXEL_SIZE, 4000, 0.05, 11, "C2"),
+    "d2_64_snr0.05": (64, 2.0, 4000, 0.05, 12, "D2"),
+    "o_64_snr0.1": (64, 2.4, 4000, 0.1, 13, "O"),
     "adk64_snr0.05": (64, density.DEFAULT_PIXEL_SIZE, 5000, 0.05, 2),
     "adk32_snr0.3": (32, 2 * density.DEFAULT_PIXEL_SIZE, 1000, 0.3, 3),
     "adk256_snr0.1": (256, density.DEFAULT_PIXEL_SIZE / 2, 2000, 0.1, 4),
@@ -31,18 +35,27 @@ DATASETS = {
 
 def dataset(name: str) -> Path:
     """Folder of the simulated set ``name`` (made on first use)."""
-    box, pixel_size, n, snr, seed = DATASETS[name]
+    box, pixel_size, n, snr, seed, *symmetry = DATASETS[name]
     folder = OUT / "data" / name
     if not (folder / "gt_poses.star").is_file():
-        volume = density.bundled_protein_map(box, pixel_size)
+        if symmetry:
+            volume, _ = density.symmetric_protein_map(point_group(symmetry[0]), box, pixel_size)
+        else:
+            volume = density.bundled_protein_map(box, pixel_size)
         simulate_dataset(volume, pixel_size, folder, SimulationSettings(n_particles=n, snr=snr, seed=seed))
     return folder
 
 
-def known_pose_reference(folder: Path, rows: np.ndarray | None = None) -> dict:
+def symmetry_of(name: str) -> str:
+    """The point group of a data set's particle."""
+    return (DATASETS[name][5:] or ("C1",))[0]
+
+
+def known_pose_reference(folder: Path, rows: np.ndarray | None = None, symmetry: str = "C1") -> dict:
     """FSC 0.5 / 0.143 against the truth of the Wiener map from the true poses (all
-    particles, or ``rows``), and the gold-standard FSC of its halves."""
+    particles, or ``rows``), with ``symmetry`` imposed, and the gold-standard FSC of its halves."""
     key = "all" if rows is None else f"{len(rows)}-{int(np.sum(rows)) % 100003}"
+    key += "" if symmetry == "C1" else f"-{symmetry}"
     cache = folder / f"known_pose_{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -50,7 +63,7 @@ def known_pose_reference(folder: Path, rows: np.ndarray | None = None) -> dict:
     if rows is not None:
         particles = particles.subset(rows)
     half = np.arange(len(particles)) % 2 + 1
-    map_a, map_b, curve = reconstruct_half_maps(particles, half)
+    map_a, map_b, curve = reconstruct_half_maps(particles, half, symmetry=symmetry)
     truth, px = read_map(folder / "gt_map.mrc")
     vs_truth = fsc(0.5 * (map_a + map_b), truth)
     result = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import OUT, dataset, known_pose_reference, machine, run_child  # noqa: E402
+from common import OUT, dataset, known_pose_reference, machine, run_child, symmetry_of  # noqa: E402
 
 from habinit_plugin.engine.jobs import gold_standard_job  # noqa: E402
 from habinit_plugin.engine.mrc import read_map  # noqa: E402
@@ -34,11 +34,12 @@ from habinit_plugin.engine.truth import compare_to_truth  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "gold_standard_cpu.md"
 
 
-def one_run(name: str, seed: int) -> dict:
+def one_run(name: str, seed: int, symmetry: str = "C1") -> dict:
+    """One job on data set ``name`` with ``symmetry`` imposed, compared with the truth."""
     folder = dataset(name)
-    out = OUT / "gold_standard" / f"{name}_seed{seed}"
+    out = OUT / "gold_standard" / f"{name}_{symmetry}_seed{seed}"
     t0 = time.time()
-    settings = JobSettings(abinit=AbinitSettings(seed=seed))
+    settings = JobSettings(abinit=AbinitSettings(seed=seed, symmetry=symmetry))
     info = gold_standard_job(str(folder / "particles.star"), out, settings, overwrite=True)
     wall = time.time() - t0
     truth, px = read_map(folder / "gt_map.mrc")
@@ -51,7 +52,7 @@ def one_run(name: str, seed: int) -> dict:
     for h, value in (("A", 1), ("B", 2)):
         mine = found.half_set == value
         c = compare_to_truth(maps[h], truth, px)
-        reference = known_pose_reference(folder, np.sort(rows[mine]))
+        reference = known_pose_reference(folder, np.sort(rows[mine]), symmetry)
         halves[h] = {"truth_05": c.resolution_05, "known_05": reference["truth_05"], "mirrored": c.alignment.mirrored}
     full = compare_to_truth(
         0.5 * (maps["A"] + maps["B"]),
@@ -61,9 +62,11 @@ def one_run(name: str, seed: int) -> dict:
         found.shifts,
         truth_poses.rotations[rows],
         truth_poses.shifts[rows],
+        symmetry=symmetry_of(name),
     )
     return {
         "dataset": name,
+        "symmetry": symmetry,
         "seed": seed,
         "wall_s": wall,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -102,7 +105,8 @@ def _table(runs: list[dict]) -> str:
         passes = sum(v for k, v in t.items() if k.startswith("pass"))
         failed = [k for k, ok in _checks(r).items() if not ok]
         lines.append(
-            f"| {r['dataset']} | {r['seed']} | {r['gs_0143']:.2f} | {r['full_truth_05']:.2f} | "
+            f"| {r['dataset']}{'' if r.get('symmetry', 'C1') == 'C1' else ', ' + r['symmetry'] + ' imposed'} | "
+            f"{r['seed']} | {r['gs_0143']:.2f} | {r['full_truth_05']:.2f} | "
             f"{a['truth_05']:.2f} ({a['known_05']:.2f}) | {b['truth_05']:.2f} ({b['known_05']:.2f}) | "
             f"{'yes' if r['same_hand'] else 'NO'} | {r['angle_error']:.2f} | {r['wall_s']:.0f} | "
             f"{t.get('sgd', 0):.0f} / {t.get('alignment', 0):.0f} / {passes:.0f} | {r['peak_mb']:.0f} | "
@@ -113,12 +117,12 @@ def _table(runs: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--one", nargs=2, metavar=("DATASET", "SEED"), help="run once and print JSON (internal)")
+    p.add_argument("--one", nargs=3, metavar=("DATASET", "SEED", "SYM"), help="run once and print JSON (internal)")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--hard-seeds", type=int, default=2)
     args = p.parse_args()
     if args.one:
-        r = one_run(args.one[0], int(args.one[1]))
+        r = one_run(args.one[0], int(args.one[1]), args.one[2])
         print(json.dumps(r))
         return
     sections = [f"# Gold-standard job (bench/gold_standard.py)\n\nMachine: {machine()}.\n"]
@@ -127,7 +131,7 @@ def main() -> None:
             continue
         runs = []
         for seed in range(n_seeds):
-            runs.append(run_child([__file__, "--one", name, str(seed)]))
+            runs.append(run_child([__file__, "--one", name, str(seed), "C1"]))
             print(_table(runs[-1:]).splitlines()[-1], flush=True)
         ok = sum("error" not in r and all(_checks(r).values()) for r in runs)
         sections.append(f"## {name}: {ok}/{len(runs)} seeds pass every check\n\n{_table(runs)}\n")

@@ -7,9 +7,9 @@ import pytest
 
 from habinit_plugin.engine import symmetry
 from habinit_plugin.engine.projector import volume_to_grid
+from habinit_plugin.engine.settings import SymmetryError
 from habinit_plugin.engine.so3 import grid_rotations, grid_spacing, random_rotations, rotvec_to_matrix
 from habinit_plugin.engine.symmetry import (
-    SymmetryError,
     asymmetric_unit,
     canonical_poses,
     distance_modulo,

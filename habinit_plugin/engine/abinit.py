@@ -47,7 +47,8 @@ from .sgd import (
     update_weight_ema,
     weak_prior_tau2,
 )
-from .so3 import geodesic_distance, quaternion_to_matrix
+from .so3 import quaternion_to_matrix
+from .symmetry import allowed_centring, canonical_poses, distance_modulo
 
 log = logging.getLogger("habinit")
 
@@ -145,7 +146,7 @@ class AbinitRun:
         inv = batch.noise_weight / xp.asarray(hermitian_weights(batch.freqs))
         backproject(batch.ctf * batch.spectra * inv, coords, size, p, out=data)
         backproject(batch.ctf**2 * inv, coords, size, p, out=weight)
-        data, weight = symmetric_sums(data, weight)
+        data, weight = symmetric_sums(data, weight, self.settings.symmetry, p)
         scale = self.n / len(index)
         self.weight_ema = weight * scale
         floor = 0.1 * xp.mean(weight[weight > 0]) * scale
@@ -183,7 +184,7 @@ class AbinitRun:
         weights = result.weights(self.schedule.temperature(t))[:, :k]
         weights = weights / weights.sum(axis=1, keepdims=True)
         gradient, weight, residual = minibatch_gradient(
-            self.grid, s.oversampling, batch, result.rotations[:, :k], result.origins[:, :k], weights
+            self.grid, s.oversampling, batch, result.rotations[:, :k], result.origins[:, :k], weights, s.symmetry
         )
         scale = self.n / len(index)
         if s.preconditioner:
@@ -196,7 +197,7 @@ class AbinitRun:
         grid = sgd_update(self.grid, gradient * scale, precond, inv_tau2, lr)
         self.grid = apply_constraints(grid.astype(xp.complex64), s.oversampling, self._window_radius_px(), radius)
         if s.centre_every and t < self.schedule.n_initial and (t + 1) % s.centre_every == 0:
-            self.grid = translate_grid(self.grid, -centre_of_mass_shift(self.grid))
+            self.grid = translate_grid(self.grid, -allowed_centring(centre_of_mass_shift(self.grid), s.symmetry))
         self.noise.update(residual, batch.radii)
         change = self._record_poses(index, result.rotations[:, 0], result.origins[:, 0])
         self.iteration += 1
@@ -208,7 +209,9 @@ class AbinitRun:
     def _record_poses(self, index, rotations, origins) -> float:
         """Store the best poses; return the median change (degrees) for particles seen before."""
         before = self.seen[index]
-        change = geodesic_distance(self.rotations[index][before], rotations[before]) if before.any() else []
+        symmetry = self.settings.symmetry
+        change = distance_modulo(self.rotations[index][before], rotations[before], symmetry) if before.any() else []
+        rotations = canonical_poses(rotations, symmetry)
         self.rotations[index] = rotations
         self.origins[index] = origins
         self.seen[index] = True

@@ -22,6 +22,7 @@ from .backend import array_module, fft_kwargs, fft_module, to_numpy
 from .fourier import centered_fftn, centered_ifftn, resample_volume
 from .projector import project, volume_to_grid
 from .so3 import grid_rotations, rotvec_to_matrix
+from .symmetry import allowed_centring, is_trivial, snap_to_normaliser
 
 
 @dataclass
@@ -126,12 +127,16 @@ def working_box(n: int, pixel_size: float, resolution: float) -> int:
     return int(min(n, needed + needed % 2))
 
 
-def align_maps(reference, moving, pixel_size: float, settings: AlignSettings | None = None, xp=None) -> Alignment:
+def align_maps(
+    reference, moving, pixel_size: float, settings: AlignSettings | None = None, xp=None, symmetry: str = "C1"
+) -> Alignment:
     """Find the alignment that puts ``moving`` onto ``reference`` (both (N, N, N)).
 
     Every rotation of a Hopf grid, in both hands, is scored at ``coarse_resolution``
     with an FFT translation search; the best few are refined locally at
-    ``fine_resolution`` with the correlation at the sub-voxel shift.
+    ``fine_resolution`` with the correlation at the sub-voxel shift. Maps with the point-group
+    ``symmetry`` about the same axes differ only by a rotation that keeps the axes, and a shift along
+    a single axis: the best alignment is snapped onto those (its correlation found again).
     """
     settings = settings or AlignSettings()
     xp = xp or array_module(reference)
@@ -157,7 +162,12 @@ def align_maps(reference, moving, pixel_size: float, settings: AlignSettings | N
         refined = _refine(fine, matrix, settings)
         if best is None or refined.score > best.score:
             best = refined
-    return best
+    if is_trivial(symmetry):
+        return best
+    hand = -1.0 if best.mirrored else 1.0
+    matrix = hand * snap_to_normaliser(best.rotation, symmetry)
+    scores, shifts = fine.score(matrix[None])
+    return Alignment(matrix, allowed_centring(shifts[0], symmetry), float(scores[0]))
 
 
 class _Problem:

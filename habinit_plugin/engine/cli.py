@@ -28,14 +28,17 @@ from .settings import (
     AbinitSettings,
     DeviceSettings,
     JobSettings,
+    SymmetryError,
     cli_fields,
     help_of,
     option_name,
+    symmetry_name,
     unit_of,
 )
 from .simulate import SimulationSettings, simulate_dataset
 from .so3 import matrix_to_euler
 from .star import StarError
+from .symmetry import point_group
 
 log = logging.getLogger("habinit")
 
@@ -63,6 +66,12 @@ def add_simulate(sub) -> None:
     p.add_argument("--pixel-size", type=float, default=density.DEFAULT_PIXEL_SIZE, help="Angstrom per pixel")
     p.add_argument("--n-particles", type=int, default=5000)
     p.add_argument("--snr", type=float, default=0.1, help="signal/noise variance ratio ('inf': no noise)")
+    p.add_argument(
+        "--symmetry",
+        default="C1",
+        type=_symmetry_option,
+        help="build a particle with this point group from copies of the bundled protein (RELION's names)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--defocus", type=float, nargs=2, default=(10000.0, 25000.0), help="range, Angstrom")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
@@ -71,7 +80,15 @@ def add_simulate(sub) -> None:
 
 def run_simulate(args) -> dict:
     xp = get_xp(args.device)
-    if args.map:
+    symmetric = getattr(args, "symmetry", "C1") != "C1"
+    if args.map and symmetric:
+        raise ValueError("--symmetry builds its particle from the bundled protein: leave out --map")
+    if symmetric:
+        group = point_group(args.symmetry)
+        volume, unit_radius = density.symmetric_protein_map(group, args.box, args.pixel_size)
+        pixel_size = args.pixel_size
+        log.info(f"{args.symmetry}: {len(group)} copies of a {unit_radius:.0f} A core of the bundled protein")
+    elif args.map:
         volume, pixel_size = read_map(args.map)
     else:
         volume, pixel_size = density.bundled_protein_map(args.box, args.pixel_size), args.pixel_size
@@ -93,6 +110,13 @@ def run_simulate(args) -> dict:
     return paths
 
 
+def _symmetry_option(text: str) -> str:
+    try:
+        return symmetry_name(text)
+    except SymmetryError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # --------------------------------------------------------------------- reconstruct
 
 
@@ -105,6 +129,7 @@ def add_reconstruct(sub) -> None:
     p.add_argument("--keep-duplicates", action="store_true", help=help_of(JobSettings, "keep_duplicates"))
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--image-root", help="folder that relative image paths are relative to")
+    p.add_argument("--symmetry", default="C1", type=_symmetry_option, help=help_of(AbinitSettings, "symmetry"))
     add_settings_arguments(p, DeviceSettings)
     p.set_defaults(func=run_reconstruct)
 
@@ -119,6 +144,7 @@ def run_reconstruct(args) -> dict:
         settings_from_arguments(args, DeviceSettings),
         args.image_root,
         args.keep_duplicates,
+        args.symmetry,
     )
 
 
@@ -200,6 +226,7 @@ def run_demo(args) -> dict:
         seed=args.seed,
         no_keep_split=False,
         keep_duplicates=False,
+        symmetry="C1",
         batch_size=1000,
         image_root=None,
         device=args.device,

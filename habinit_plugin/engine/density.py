@@ -43,6 +43,13 @@ def atoms_to_map(model_path: str | Path, box: int, pixel_size: float, blur: floa
         for residue in chain:
             for atom in residue:
                 atom.pos = atom.pos + offset
+    return _model_density(model, box, pixel_size, blur)
+
+
+def _model_density(model, box: int, pixel_size: float, blur: float = 30.0) -> np.ndarray:
+    """gemmi's electron-scattering density of a model whose atoms lie in the box (0..box * pixel_size A)."""
+    import gemmi  # noqa: PLC0415
+
     calc = gemmi.DensityCalculatorE()
     calc.d_min = 2.0 * pixel_size
     calc.blur = blur
@@ -58,3 +65,42 @@ def atoms_to_map(model_path: str | Path, box: int, pixel_size: float, blur: floa
 def bundled_protein_map(box: int = DEFAULT_BOX, pixel_size: float = DEFAULT_PIXEL_SIZE) -> np.ndarray:
     """Density map of the bundled protein (adenylate kinase, 4AKE), (box, box, box) float32."""
     return atoms_to_map(bundled_structure_path(), box, pixel_size)
+
+
+# the copies of the asymmetric unit sit off every symmetry axis, in this direction from the centre
+_UNIT_DIRECTION = np.array([0.62, 0.33, 0.71]) / np.linalg.norm([0.62, 0.33, 0.71])
+
+
+def symmetric_protein_map(group: np.ndarray, box: int = DEFAULT_BOX, pixel_size: float = DEFAULT_PIXEL_SIZE):
+    """A particle with the point-group symmetry ``group`` ((|G|, 3, 3) rotations about the box centre) built
+    from the bundled protein: one copy of an asymmetric unit per operator.
+
+    The unit is the part of the protein within a radius of its centre, placed off the axes so that the
+    copies fill a sphere of 0.38 box without much overlap (the whole protein for two copies, a smaller
+    core for more). Returns ((box, box, box) float32 map, the unit's radius in Angstrom).
+    """
+    import gemmi  # noqa: PLC0415
+
+    order = len(group)
+    outer = 0.38 * box * pixel_size
+    distance = outer / (1.0 + np.sqrt(2.0 / order))  # |G| discs of the unit's radius on a sphere, half covered
+    structure = gemmi.read_structure(str(bundled_structure_path()))
+    residues = [res for chain in structure[0] for res in chain]
+    positions = np.array([atom.pos.tolist() for res in residues for atom in res])
+    centre = positions.mean(axis=0)
+    radius = min(distance * np.sqrt(2.0 / order), float(np.linalg.norm(positions - centre, axis=1).max()))
+    model = gemmi.Model(1)
+    for k, rotation in enumerate(group):
+        chain = gemmi.Chain(f"C{k}")
+        for res in residues:
+            copy = res.clone()
+            for i in reversed(range(len(copy))):
+                p = np.array(copy[i].pos.tolist()) - centre
+                if np.linalg.norm(p) > radius:
+                    del copy[i]
+                else:
+                    copy[i].pos = gemmi.Position(*(rotation @ (p + distance * _UNIT_DIRECTION) + box // 2 * pixel_size))
+            if len(copy):
+                chain.add_residue(copy)
+        model.add_chain(chain)
+    return _model_density(model, box, pixel_size), float(radius)

@@ -35,6 +35,7 @@ from .outputs import CHECKPOINT
 from .particles import ParticleError, ParticleSet
 from .passes import run_passes
 from .settings import MIN_PARTICLES_PER_HALF, AbinitSettings, JobSettings
+from .symmetry import canonical_poses
 
 log = logging.getLogger("habinit")
 
@@ -180,7 +181,8 @@ class GoldStandardJob:
         """Align the current B model onto A and record the gold-standard FSC (reporting only)."""
         t0 = time.time()
         map_a, map_b = self.runs["A"].model_map(), self.runs["B"].model_map()
-        alignment = align_maps(map_a, map_b, self.particles.pixel_size, xp=self.xp)
+        symmetry = self.settings.abinit.symmetry
+        alignment = align_maps(map_a, map_b, self.particles.pixel_size, xp=self.xp, symmetry=symmetry)
         curve = fsc(map_a, self._transform(map_b, alignment))
         px = self.particles.pixel_size
         entry = {
@@ -216,7 +218,8 @@ class GoldStandardJob:
         """Put half B onto half A: its map and every one of its poses."""
         t0 = time.time()
         px = self.particles.pixel_size
-        alignment = align_maps(self.volumes["A"], self.volumes["B"], px, xp=self.xp)
+        symmetry = self.settings.abinit.symmetry
+        alignment = align_maps(self.volumes["A"], self.volumes["B"], px, xp=self.xp, symmetry=symmetry)
         run_b = self.runs["B"]
         self.volumes["B"] = self._transform(self.volumes["B"], alignment)
         run_b.rotations, run_b.origins = apply_to_poses(alignment, run_b.rotations, run_b.origins)
@@ -263,7 +266,7 @@ class GoldStandardJob:
             used=self.used,
             unused=self.unused,
             half_set=self.half_set,
-            rotations=rotations,
+            rotations=canonical_poses(rotations, self.settings.abinit.symmetry),  # in the asymmetric unit
             origins=origins,
             alignment=Alignment.from_dict(self.state["alignment"]),
             history=self.state["history"],

@@ -52,6 +52,7 @@ from .passes import run_passes
 from .reconstruct import reconstruct_half_maps
 from .settings import AbinitSettings, DeviceSettings, JobSettings, particle_warnings
 from .star import StarBlock, write_star
+from .symmetry import canonical_poses
 
 log = logging.getLogger("habinit")
 
@@ -226,6 +227,7 @@ def gold_standard_job(
             "device": device_name(xp),
             "versions": _versions(),
             "split": job.split_how,
+            "symmetry": settings.abinit.symmetry,  # of the half maps: run RELION downstream with this --sym
             "resumed": resumed,
             "wall_seconds_this_session": time.time() - t0,
             "warnings": warnings,
@@ -313,9 +315,11 @@ def _single_abinit(particles_path, out: Path, particles, settings, xp, limit, sa
     run_passes({"map": run}, volumes, state)
     check_result({"the map": volumes["map"]})
     write_map(out / MAP, volumes["map"], particles.pixel_size)
-    write_particles_star(out / PARTICLES_STAR, particles, None, run.rotations, run.origins)
+    poses = canonical_poses(run.rotations, settings.symmetry)
+    write_particles_star(out / PARTICLES_STAR, particles, None, poses, run.origins)
     info = {
         "command": "abinit",
+        "symmetry": settings.symmetry,
         "status": "finished",
         "particles": str(Path(particles_path).resolve()),
         "parameters": asdict(settings),
@@ -343,6 +347,7 @@ def reconstruct_job(
     device: DeviceSettings = CPU,
     image_root: str | None = None,
     keep_duplicates: bool = False,
+    symmetry: str = "C1",
 ) -> dict:
     """``habinit reconstruct``: Wiener half maps from known poses, their FSC (fsc.json, as ``run``'s)."""
     xp, limit = open_device(device)
@@ -354,7 +359,9 @@ def reconstruct_job(
         f"device {device_name(xp)}"
     )
     t0 = time.time()
-    map_a, map_b, _ = reconstruct_half_maps(particles, half, xp=xp, batch_size=batch_size, memory_limit_bytes=limit)
+    map_a, map_b, _ = reconstruct_half_maps(
+        particles, half, xp=xp, batch_size=batch_size, memory_limit_bytes=limit, symmetry=symmetry
+    )
     seconds = time.time() - t0
     curve = fsc(map_a, map_b)
     check_result({"half map A": map_a, "half map B": map_b}, curve)

@@ -33,6 +33,7 @@ from .pose_search import global_search, local_search, neighbourhood_search
 from .projector import volume_to_grid
 from .reconstruct import Backprojection, tau2_from_fsc, wiener_map
 from .search_policy import global_settings, local_settings, posterior_settings
+from .symmetry import is_trivial
 
 log = logging.getLogger("habinit")
 
@@ -83,7 +84,7 @@ def full_pass(run: AbinitRun, references, radius: float, local: bool, chunk: int
     grids = [volume_to_grid(xp.asarray(v), s.oversampling) for v in distinct]  # internal half h: grids[h % len]
     halves = internal_halves(run)
     marginalise = local and s.marginalise
-    sums = [Backprojection.zeros(box, s.oversampling, xp) for _ in range(2)]
+    sums = [Backprojection.zeros(box, s.oversampling, xp, s.symmetry) for _ in range(2)]
     arrays = [a for bp in sums for a in (bp.data, bp.weight)]
     if run.memory_limit_bytes:  # the sums, their scratch copies and the references stay on the device
         fixed = 2 * sum(a.nbytes for a in arrays) + sum(g.nbytes for g in grids)
@@ -131,9 +132,11 @@ def _insert(target: Backprojection, batch: ImageBatch, result, marginalise: bool
 
 def _pass_maps(run: AbinitRun, sums, rotations, origins) -> PassResult:
     """The internal halves' FSC, and the map of all particles regularised by 2F / (1 + F)."""
-    p, box = run.settings.oversampling, run.geometry.box
+    p = run.settings.oversampling
+    if not is_trivial(run.settings.symmetry):  # the group's copies once, not for every map made from the sums
+        sums = [bp.completed() for bp in sums]
     curve = fsc(wiener_map(sums[0]), wiener_map(sums[1]))
-    total = Backprojection(sums[0].data + sums[1].data, sums[0].weight + sums[1].weight, box, p)
+    total = sums[0] + sums[1]
     _, weight = total.symmetric()
     volume = to_numpy(wiener_map(total, tau2_from_fsc(2 * curve / (1 + np.abs(curve)), weight, p)))
     resolution = resolution_at(curve, 0.143, run.geometry.pixel_size_A)

@@ -32,6 +32,7 @@ from .fourier import phase_shift
 from .minibatch import ImageBatch
 from .projector import project, slice_coordinates
 from .so3 import grid_children, grid_rotations, rotvec_to_matrix
+from .symmetry import asymmetric_unit
 
 
 @dataclass
@@ -49,6 +50,7 @@ class SearchSettings:
     chunk: int = 64
     device_bytes: float = 128e6
     scale_invariant: bool = False
+    symmetry: str = "C1"  # the coarse level covers the asymmetric unit of this point group
 
 
 @dataclass
@@ -153,14 +155,15 @@ def _band_radius(settings: SearchSettings, level: int) -> float:
 
 
 def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSettings) -> SearchResult:
-    """Coarse-to-fine search over all rotations and shifts within ``max_shift_px``."""
+    """Coarse-to-fine search over all rotations (of the asymmetric unit) and shifts within ``max_shift_px``."""
     xp = array_module(grid)
     n_images = batch.spectra.shape[0]
     beam = settings.beam
     # coarse level: all rotations, all coarse shifts, projections shared by the minibatch
     band = batch.band(_band_radius(settings, settings.coarse_level), settings.min_radius)
     freqs = batch.freqs[band[0] : band[1]]
-    rotations = _grid(settings.coarse_level)
+    unit = asymmetric_unit(settings.coarse_level, settings.symmetry)
+    rotations = _grid(settings.coarse_level)[unit]
     proj = _project_band(grid, oversampling, rotations, freqs)
     shifts = shift_grid(settings.max_shift_px, settings.coarse_shift_step_px)
     ramps = phase_shift(freqs, xp.asarray(shifts), batch.box)
@@ -173,7 +176,7 @@ def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSe
         best_shift = xp.argmin(energies, axis=1)  # (b, R)
         per_rotation = xp.min(energies, axis=1)
         top, _ = _top_k(per_rotation, beam)
-        index[rows] = to_numpy(top)
+        index[rows] = unit[to_numpy(top)]
         origins[rows] = shifts[to_numpy(xp.take_along_axis(best_shift, top, axis=1))]
     step = settings.coarse_shift_step_px
     energies = None

@@ -27,6 +27,7 @@ from .fsc import fsc, ssnr_from_fsc
 from .gpu_budget import chunk_size_for_budget, particle_bytes
 from .oom import StagedSum
 from .projector import backproject, grid_to_volume, hermitian_symmetrize, slice_coordinates
+from .symmetry import symmetrise_grid
 
 log = logging.getLogger("habinit")
 
@@ -60,13 +61,14 @@ class Backprojection:
     weight: object
     box: int
     oversampling: int
+    symmetry: str = "C1"
+    complete: bool = False  # data and weight already hold the Friedel mates and the group's copies
 
     @classmethod
-    def zeros(cls, box: int, oversampling: int = 2, xp=np) -> Backprojection:
+    def zeros(cls, box: int, oversampling: int = 2, xp=np, symmetry: str = "C1") -> Backprojection:
         size = box * oversampling
-        return cls(
-            xp.zeros((size,) * 3, dtype=xp.complex64), xp.zeros((size,) * 3, dtype=xp.float32), box, oversampling
-        )
+        zeros = xp.zeros((size,) * 3, dtype=xp.complex64), xp.zeros((size,) * 3, dtype=xp.float32)
+        return cls(*zeros, box, oversampling, symmetry)
 
     def insert(self, spectra, ctf, rotations, freqs, inv_noise=None) -> None:
         """Add particles: spectra (B, M) centred, ctf (B, M), rotations (B, 3, 3), freqs (M, 2).
@@ -81,8 +83,24 @@ class Backprojection:
         backproject((weight * ctf).astype(xp.float32), coords, size, self.oversampling, out=self.weight)
 
     def symmetric(self):
-        """(data, weight) with the Friedel mates of every inserted sample added."""
-        return hermitian_symmetrize(self.data), hermitian_symmetrize(self.weight)
+        """(data, weight) with the Friedel mates of every inserted sample added, summed over the point group
+        (as RELION symmetrises its sums once, before the division)."""
+        if self.complete:
+            return self.data, self.weight
+        data, weight = hermitian_symmetrize(self.data), hermitian_symmetrize(self.weight)
+        return symmetrise_grid(data, self.symmetry, self.oversampling), symmetrise_grid(
+            weight, self.symmetry, self.oversampling
+        )
+
+    def completed(self) -> Backprojection:
+        """The sums with their Friedel mates and group copies added once, for maps made from them many times."""
+        return Backprojection(*self.symmetric(), self.box, self.oversampling, self.symmetry, complete=True)
+
+    def __add__(self, other: Backprojection) -> Backprojection:
+        if self.complete != other.complete or self.symmetry != other.symmetry:
+            raise ValueError("sums of different kinds cannot be added")
+        data, weight = self.data + other.data, self.weight + other.weight
+        return Backprojection(data, weight, self.box, self.oversampling, self.symmetry, self.complete)
 
 
 def grid_shells(size: int, oversampling: int, xp=np):
@@ -148,9 +166,15 @@ def gold_standard_maps(bp_a: Backprojection, bp_b: Backprojection):
 
 
 def reconstruct_half_maps(
-    particles, half_set, xp=np, batch_size: int = 1000, oversampling: int = 2, memory_limit_bytes: int | None = None
+    particles,
+    half_set,
+    xp=np,
+    batch_size: int = 1000,
+    oversampling: int = 2,
+    memory_limit_bytes: int | None = None,
+    symmetry: str = "C1",
 ):
-    """Wiener half maps of a particle set from its poses.
+    """Wiener half maps of a particle set from its poses, with the point group ``symmetry`` imposed.
 
     particles: ParticleSet with rotations and shifts; half_set: (P,) values 1 or 2;
     memory_limit_bytes: the GPU memory budget the batch size is fitted to (None: no limit).
@@ -161,7 +185,7 @@ def reconstruct_half_maps(
     box = particles.box
     freqs = reconstruction_frequencies(box)
     freqs_dev = xp.asarray(freqs)
-    halves = {1: Backprojection.zeros(box, oversampling, xp), 2: Backprojection.zeros(box, oversampling, xp)}
+    halves = {h: Backprojection.zeros(box, oversampling, xp, symmetry) for h in (1, 2)}
     grids = [a for bp in halves.values() for a in (bp.data, bp.weight)]
     if memory_limit_bytes:  # the sums and their scratch copies (StagedSum) stay on the device
         fixed = 2 * sum(a.nbytes for a in grids)
@@ -184,5 +208,5 @@ def reconstruct_half_maps(
             index = np.arange(start, min(start + batch_size, len(particles)))
             sums.run(add, index)
             log.info(f"backprojected {index[-1] + 1}/{len(particles)} particles")
-    map_a, map_b, curve = gold_standard_maps(halves[1], halves[2])
+    map_a, map_b, curve = gold_standard_maps(halves[1].completed(), halves[2].completed())
     return to_numpy(map_a), to_numpy(map_b), curve

@@ -33,6 +33,7 @@ def global_settings(geometry: MapGeometry, radius: float, device_bytes: float) -
         min_radius=geometry.min_radius,
         device_bytes=device_bytes,
         scale_invariant=geometry.settings.scale_invariant_search,
+        symmetry=geometry.settings.symmetry,
     )
 
 

@@ -14,6 +14,7 @@ The Scipion form maps its parameters onto the same names through one table
 
 from __future__ import annotations
 
+import re
 from dataclasses import MISSING, Field, dataclass, field, fields
 
 UNITS = {"_A": "Angstrom", "_GB": "GB (10^9 bytes)", "_minutes": "minutes"}
@@ -67,6 +68,24 @@ def parameter(
     ``minimum`` (inclusive) or ``above`` (exclusive); ``cli`` False for internal parameters without an option."""
     metadata = {"help": help, "minimum": minimum, "above": above, "cli": cli, "choices": choices}
     return field(default=default, metadata=metadata)
+
+
+VALID_SYMMETRIES = "C1, Cn (n >= 2), Dn (n >= 2), T, O or I (RELION's names; I is RELION's I2 orientation)"
+
+
+class SymmetryError(ValueError):
+    """A symmetry name that the engine does not know; the message lists the valid forms."""
+
+
+def symmetry_name(name: str) -> str:
+    """The canonical spelling of a point-group name ('c2' -> 'C2', 'I2' -> 'I'); SymmetryError if unknown."""
+    text = str(name).strip().upper()
+    if text in ("T", "O", "I", "I2"):
+        return text[0]
+    match = re.fullmatch(r"([CD])([1-9][0-9]*)", text)
+    if match and not (match.group(1) == "D" and match.group(2) == "1"):
+        return text
+    raise SymmetryError(f"unknown symmetry {name!r}: use {VALID_SYMMETRIES}")
 
 
 def _check_ranges(settings) -> None:
@@ -123,9 +142,14 @@ class AbinitSettings:
     )
     preconditioner: bool = parameter(True, "the preconditioned SGD step (off: a plain step, for comparison)")
     scale_invariant_search: bool = parameter(True, "scale-invariant score in the SGD search", cli=False)
+    symmetry: str = parameter("C1", "point group imposed on the map, as RELION's --sym (C1, Cn, Dn, T, O, I)")
 
     def __post_init__(self):
         _check_ranges(self)
+        try:
+            object.__setattr__(self, "symmetry", symmetry_name(self.symmetry))
+        except SymmetryError as exc:
+            raise SymmetryError(f"--symmetry: {exc}") from None
         start = self.initial_resolution_A
         for name in ("max_resolution_A", "sgd_resolution_A"):
             value = getattr(self, name)
@@ -215,6 +239,9 @@ __all__ = [
     "JobSettings",
     "MIN_PARTICLES_PER_HALF",
     "QUICK_SCHEDULE",
+    "SymmetryError",
+    "VALID_SYMMETRIES",
+    "symmetry_name",
     "cli_fields",
     "command_words",
     "default_of",

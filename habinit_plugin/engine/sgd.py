@@ -33,6 +33,7 @@ from .minibatch import ImageBatch
 from .projector import backproject, hermitian_symmetrize, project, slice_coordinates
 from .reconstruct import shell_weight_means
 from .settings import AbinitSettings
+from .symmetry import symmetrise_grid
 
 
 def sgd_update(grid, gradient, weight_ema, inv_tau2, learning_rate: float):
@@ -214,20 +215,21 @@ class Schedule:
         return float(self.settings.initial_temperature ** (1.0 - self._initial_fraction(t)))
 
 
-def symmetric_sums(data, weight):
-    """Hermitian completion of half-plane backprojection sums."""
-    return hermitian_symmetrize(data), hermitian_symmetrize(weight)
+def symmetric_sums(data, weight, symmetry: str = "C1", oversampling: int = 2):
+    """Hermitian completion of half-plane backprojection sums, summed over the point group."""
+    data, weight = hermitian_symmetrize(data), hermitian_symmetrize(weight)
+    return symmetrise_grid(data, symmetry, oversampling), symmetrise_grid(weight, symmetry, oversampling)
 
 
 # ------------------------------------------------------------------------- gradient
 
 
-def minibatch_gradient(grid, oversampling: int, batch: ImageBatch, rotations, origins, weights):
+def minibatch_gradient(grid, oversampling: int, batch: ImageBatch, rotations, origins, weights, symmetry="C1"):
     """Backprojected weighted residuals and CTF^2 weights of a minibatch at its kept poses.
 
     grid (G, G, G) the model; rotations (B, K, 3, 3), origins (B, K, 2) pixels, weights (B, K)
-    posterior weights (host). Returns the Hermitian gradient and weight grids (G, G, G) and
-    the residual spectra (B, M) at the best poses (k = 0).
+    posterior weights (host). Returns the Hermitian gradient and weight grids (G, G, G), summed
+    over the point group ``symmetry``, and the residual spectra (B, M) at the best poses (k = 0).
     """
     xp = array_module(grid)
     size = grid.shape[0]
@@ -245,7 +247,7 @@ def minibatch_gradient(grid, oversampling: int, batch: ImageBatch, rotations, or
         backproject((w * batch.ctf**2 * inv_noise).astype(xp.float32), coords, size, oversampling, out=weight)
         if k == 0:
             best_residual = residual
-    data, weight = symmetric_sums(data, weight)
+    data, weight = symmetric_sums(data, weight, symmetry, oversampling)
     return data, weight, best_residual
 
 

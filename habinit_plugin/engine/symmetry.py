@@ -15,15 +15,13 @@ trace(A) >= trace(A L) for every L.
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 
 import numpy as np
 
 from .backend import array_module
+from .settings import symmetry_name  # the names' rules live with the other settings
 from .so3 import grid_rotations, rotvec_to_matrix
-
-VALID_FORMS = "C1, Cn (n >= 2), Dn (n >= 2), T, O or I (RELION's names; I is RELION's I2 orientation)"
 
 _PHI = (1.0 + 5.0**0.5) / 2.0
 # RELION's axes (given there to 6-9 digits) in closed form
@@ -32,21 +30,6 @@ _GENERATORS = {
     "O": [(3, (1.0, 1.0, 1.0)), (4, (0.0, 0.0, 1.0))],
     "I": [(2, (0.0, 0.0, 1.0)), (5, (1.0, 0.0, _PHI)), (3, (0.0, _PHI - 1.0, _PHI))],  # (0.525731, 0, 0.850651),
 }  # (0, 0.356822, 0.934172)
-
-
-class SymmetryError(ValueError):
-    """A symmetry name that the engine does not know; the message lists the valid forms."""
-
-
-def symmetry_name(name: str) -> str:
-    """The canonical spelling of a point-group name ('c2' -> 'C2', 'I2' -> 'I'); SymmetryError if unknown."""
-    text = str(name).strip().upper()
-    if text in ("T", "O", "I", "I2"):
-        return text[0]
-    match = re.fullmatch(r"([CD])([1-9][0-9]*)", text)
-    if match and not (match.group(1) == "D" and match.group(2) == "1"):
-        return text
-    raise SymmetryError(f"unknown symmetry {name!r}: use {VALID_FORMS}")
 
 
 def _generators(name: str) -> list[tuple[int, tuple[float, float, float]]]:

@@ -14,7 +14,7 @@ import numpy as np
 from .align3d import Alignment, align_maps, apply_to_poses, transform_map
 from .backend import to_numpy
 from .fsc import fsc, resolution_at
-from .so3 import geodesic_distance
+from .symmetry import distance_modulo
 
 
 @dataclass
@@ -48,6 +48,7 @@ def compare_to_truth(
     true_origins: np.ndarray | None = None,
     alignment: Alignment | None = None,
     xp=np,
+    symmetry: str = "C1",
 ) -> TruthComparison:
     """Align ``volume`` (N, N, N) onto ``truth`` and measure FSC and pose errors.
 
@@ -63,7 +64,7 @@ def compare_to_truth(
     )
     if rotations is not None and true_rotations is not None:
         moved, moved_origins = apply_to_poses(alignment, rotations, origins)
-        result.median_angle_error = float(np.median(geodesic_distance(moved, true_rotations)))
+        result.median_angle_error = float(np.median(distance_modulo(moved, true_rotations, symmetry)))
         if true_origins is not None:
             result.median_shift_error = float(np.median(np.linalg.norm(moved_origins - true_origins, axis=1)))
     return result
