@@ -10,6 +10,7 @@ import pyworkflow.protocol.params as params
 from pwem.objects import FSC, SetOfParticles, Volume
 from pwem.protocols import ProtInitialVolume, ProtRefine3D
 from pyworkflow.constants import PROD
+from pyworkflow.object import String
 from pyworkflow.protocol.constants import STEPS_SERIAL
 from pyworkflow.protocol.params import GPU_LIST, USE_GPU
 
@@ -36,6 +37,7 @@ FORM_TO_SETTINGS = {
     "numberOfParticles": (JobSettings, "n_particles"),
     "keepSplit": (JobSettings, "keep_split"),
     "keepDuplicates": (JobSettings, "keep_duplicates"),
+    "symmetryGroup": (AbinitSettings, "symmetry"),
     "initialResolution": (AbinitSettings, "initial_resolution_A"),
     "maximumResolution": (AbinitSettings, "max_resolution_A"),
     "numberOfInitialIterations": (AbinitSettings, "n_initial_iterations"),
@@ -73,6 +75,15 @@ FORM_TEXT = {
         "refuses such input, because copies of one image in both half sets would inflate the gold-standard "
         "FSC. Yes keeps every copy and puts all copies of an image in the same half set (each copy still "
         "counts as a particle); removing the duplicates first is usually better.",
+    ),
+    "symmetryGroup": (
+        "Symmetry",
+        "Point group imposed on the map, in RELION's notation: c1 (none), cN (an N-fold axis along z), dN "
+        "(and 2-folds along x), t, o, or i (RELION's i2 orientation). With symmetry the orientation search covers "
+        "one asymmetric unit (an I search is 60 times cheaper) and every particle counts once per symmetry "
+        "copy. Highly symmetric particles often collapse into flattened maps without it. Use the same value "
+        "for RELION or cryoSPARC refinements downstream. Leave c1 when unsure: a wrong symmetry gives a "
+        "wrong map.",
     ),
     "initialResolution": (
         "Initial resolution (A)",
@@ -144,7 +155,7 @@ FORM_TEXT = {
         "Upper limit for the engine's GPU memory; 0 lets it use what the GPU has free.",
     ),
 }
-BASIC_PARAMS = ("numberOfParticles", "keepSplit", "initialResolution", "maximumResolution")
+BASIC_PARAMS = ("numberOfParticles", "keepSplit", "symmetryGroup", "initialResolution", "maximumResolution")
 INPUT_PARAMS = ("numberOfParticles", "keepSplit", "keepDuplicates")
 
 
@@ -163,7 +174,8 @@ def _engine_value(form_name: str, value):
 def _add_engine_param(form, name: str) -> None:
     """The form parameter ``name``: its kind and default from the engine's settings, its text from FORM_TEXT."""
     default = _default(name)
-    kind = {bool: params.BooleanParam, int: params.IntParam}.get(type(default), params.FloatParam)
+    kinds = {bool: params.BooleanParam, int: params.IntParam, str: params.StringParam}
+    kind = kinds.get(type(default), params.FloatParam)
     label, text = FORM_TEXT[name]
     level = params.LEVEL_NORMAL if name in BASIC_PARAMS else params.LEVEL_ADVANCED
     form.addParam(name, kind, default=default, expertLevel=level, label=label, help=text.format(default=default))
@@ -278,10 +290,13 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         volume.setFileName(self._enginePath(outputs.MAP))
         volume.setSamplingRate(pixel_size)
         volume.setHalfMaps([self._enginePath(outputs.HALF_MAP_A), self._enginePath(outputs.HALF_MAP_B)])
+        symmetry = info.get("symmetry", "C1")
+        volume.symmetryGroup = String(symmetry)  # as the engine imposed it: refine downstream with the same
 
         used = self._createSetOfParticles()
         used.copyInfo(input_set)
         used.setAlignmentProj()
+        used.symmetryGroup = String(symmetry)
         unused = self._createSetOfParticles(suffix="unused")
         unused.copyInfo(input_set)
         rows = read_star_rows(self._enginePath(outputs.PARTICLES_STAR))
@@ -501,6 +516,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             f"Gold-standard resolution: {info['resolution_0143']:.2f} A at FSC 0.143 "
             f"({info['resolution_05']:.2f} A at FSC 0.5).",
             f"Particles used: {info['n_used']}; not used: {info['n_unused']}.",
+            f"Symmetry imposed: {info.get('symmetry', 'C1')} (use the same symmetry downstream).",
         ]
         if info.get("device"):
             lines.append(f"Computed on: {info['device']}.")
