@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -48,7 +48,14 @@ from .sgd import (
     weak_prior_tau2,
 )
 from .so3 import quaternion_to_matrix
-from .symmetry import allowed_centring, canonical_poses, distance_modulo
+from .symmetry import (
+    allowed_centring,
+    canonical_poses,
+    distance_modulo,
+    group_order,
+    rotate_grid,
+    symmetrise_grid,
+)
 
 log = logging.getLogger("habinit")
 
@@ -216,6 +223,23 @@ class AbinitRun:
         self.origins[index] = origins
         self.seen[index] = True
         return float(np.median(change)) if len(change) else float("nan")
+
+    # ------------------------------------------------------------------ symmetry
+
+    def use_symmetry(self, name: str) -> None:
+        """Impose the point group ``name`` from now on (search, sums, centring, poses)."""
+        self.settings = replace(self.settings, symmetry=name)
+        self.geometry = MapGeometry(self.particles.box, self.particles.pixel_size, self.settings)
+
+    def impose_symmetry(self, name: str, fit) -> None:
+        """Move the model onto the axes found in it (a :class:`.symmetry_search.SymmetryFit`: centred, turned by
+        its frame), symmetrise it and impose ``name`` from now on."""
+        p = self.settings.oversampling
+        n_work = self.grid.shape[0] // p
+        grid = translate_grid(self.grid, -np.asarray(fit.centre_px) * n_work / self.geometry.box)
+        grid = rotate_grid(grid, fit.frame, p)
+        self.grid = (symmetrise_grid(grid, name, p) / group_order(name)).astype(self.xp.complex64)
+        self.use_symmetry(name)
 
     # -------------------------------------------------------------------- outputs
 

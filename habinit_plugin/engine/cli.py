@@ -39,6 +39,7 @@ from .simulate import SimulationSettings, simulate_dataset
 from .so3 import matrix_to_euler
 from .star import StarError
 from .symmetry import point_group
+from .symmetry_search import find_symmetry_axes, onto_axes
 
 log = logging.getLogger("habinit")
 
@@ -359,6 +360,39 @@ def run_align(args) -> dict:
     return alignment.to_dict()
 
 
+def add_symmetry(sub) -> None:
+    p = sub.add_parser(
+        "symmetry", help="find the symmetry axes of a map made in C1, put the map on RELION's axes and symmetrise it"
+    )
+    p.add_argument("map", help="MRC map (made without symmetry)")
+    p.add_argument("--symmetry", required=True, type=_symmetry_option, help="point group, RELION's names")
+    p.add_argument("--out", required=True, help="MRC file for the map on the axes, symmetrised")
+    p.add_argument("--resolution", type=float, default=12.0, help="resolution of the axis search (A)")
+    p.set_defaults(func=run_symmetry)
+
+
+def run_symmetry(args) -> dict:
+    volume, pixel_size = read_map(args.map)
+    if not args.resolution > 2 * pixel_size:
+        raise ValueError(f"--resolution must be coarser than Nyquist ({2 * pixel_size:g} A), got {args.resolution:g}")
+    fit = find_symmetry_axes(volume, pixel_size, args.symmetry, args.resolution)
+    angles = matrix_to_euler(fit.frame[None])[0]
+    print(f"{args.symmetry} axes found: turn (rot, tilt, psi) {np.round(angles, 2).tolist()} deg about the map's")
+    print(f"  centre of mass, {np.round(fit.centre_px * pixel_size, 2).tolist()} A from the box centre")
+    print(f"{'operator':>8} {'correlation':>11}  (with its copy, up to {args.resolution:g} A)")
+    for k, c in enumerate(fit.operator_correlations):
+        print(f"{k + 1:8d} {c:11.3f}")
+    weakest = float(np.min(fit.operator_correlations))
+    if weakest < 0.5:
+        log.warning(
+            f"warning: the map's copy under one operator correlates only {weakest:.2f} with it: the map may not "
+            f"have {args.symmetry} symmetry"
+        )
+    write_map(args.out, onto_axes(volume, fit, args.symmetry), pixel_size)
+    print(f"  map on the axes, symmetrised: {args.out}")
+    return fit.to_dict()
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -367,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="habinit", description="Homogeneous ab-initio refinement engine (gold-standard SGD ab initio)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_simulate, add_reconstruct, add_fsc, add_abinit, add_run, add_align, add_demo):
+    for add in (add_simulate, add_reconstruct, add_fsc, add_abinit, add_run, add_align, add_symmetry, add_demo):
         add(sub)
     return parser
 

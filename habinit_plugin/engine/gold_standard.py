@@ -35,7 +35,8 @@ from .outputs import CHECKPOINT
 from .particles import ParticleError, ParticleSet
 from .passes import run_passes
 from .settings import MIN_PARTICLES_PER_HALF, AbinitSettings, JobSettings
-from .symmetry import canonical_poses
+from .symmetry import canonical_poses, is_trivial
+from .symmetry_search import find_symmetry_axes
 
 log = logging.getLogger("habinit")
 
@@ -131,6 +132,9 @@ class GoldStandardJob:
         saved = arrays.get("volumes", {})
         self.volumes = {name: saved[name] for name in HALVES if name in saved}
         self.state = state
+        if "symmetry_found" in state:  # the SGD ran in C1; the saved models are already on the axes
+            for run in self.runs.values():
+                run.use_symmetry(self.settings.abinit.symmetry)
         log.info(f"resumed from {self.checkpoint.folder} (phase {state['phase']}, iteration {self._iteration()})")
         return True
 
@@ -174,14 +178,31 @@ class GoldStandardJob:
                 self._maybe_save()
 
         run_sgd(self.runs, after_iteration, self.state["timings"])
+        self._symmetry_after_sgd()
         self.state["phase"] = "passes"
         self.save()
+
+    def _symmetry_after_sgd(self) -> None:
+        """RELION's practice: each half finds the axes in its own C1 map and has the symmetry from now on."""
+        symmetry = self.settings.abinit.symmetry
+        if not self.settings.symmetry_after_sgd or is_trivial(symmetry):
+            return
+        t0 = time.time()
+        found = {}
+        for name, run in self.runs.items():
+            fit = find_symmetry_axes(run.model_map(), self.particles.pixel_size, symmetry)
+            run.impose_symmetry(symmetry, fit)
+            found[name] = fit.to_dict()
+            correlations = ", ".join(f"{c:.2f}" for c in fit.operator_correlations[1:])
+            log.info(f"half {name}: {symmetry} axes found in the C1 map, correlation with each copy {correlations}")
+        self.state["symmetry_found"] = found
+        self._add_time("symmetry search", time.time() - t0)
 
     def _monitor(self, iteration: int) -> None:
         """Align the current B model onto A and record the gold-standard FSC (reporting only)."""
         t0 = time.time()
         map_a, map_b = self.runs["A"].model_map(), self.runs["B"].model_map()
-        symmetry = self.settings.abinit.symmetry
+        symmetry = self.runs["A"].settings.symmetry  # C1 in an SGD phase before the symmetry is found
         alignment = align_maps(map_a, map_b, self.particles.pixel_size, xp=self.xp, symmetry=symmetry)
         curve = fsc(map_a, self._transform(map_b, alignment))
         px = self.particles.pixel_size
@@ -218,7 +239,7 @@ class GoldStandardJob:
         """Put half B onto half A: its map and every one of its poses."""
         t0 = time.time()
         px = self.particles.pixel_size
-        symmetry = self.settings.abinit.symmetry
+        symmetry = self.runs["A"].settings.symmetry
         alignment = align_maps(self.volumes["A"], self.volumes["B"], px, xp=self.xp, symmetry=symmetry)
         run_b = self.runs["B"]
         self.volumes["B"] = self._transform(self.volumes["B"], alignment)
@@ -275,6 +296,8 @@ class GoldStandardJob:
 
 
 def _half_settings(settings: JobSettings, half: int) -> AbinitSettings:
-    """Each half starts from its own random volume and minibatch order."""
+    """Each half starts from its own random volume and minibatch order (in C1 when the symmetry comes after
+    the SGD)."""
     seed = int(np.random.SeedSequence([settings.abinit.seed, half]).generate_state(1)[0])
-    return replace(settings.abinit, seed=seed)
+    symmetry = "C1" if settings.symmetry_after_sgd else settings.abinit.symmetry
+    return replace(settings.abinit, seed=seed, symmetry=symmetry)

@@ -171,6 +171,11 @@ class JobSettings:
         False, "keep images that stand on several rows (merged sets), all copies of one in the same half set"
     )
     align_every: int = parameter(40, "SGD iterations between half-map alignments", minimum=1)
+    symmetry_after_sgd: bool = parameter(
+        False,
+        "run the SGD in C1 and impose --symmetry from the full passes on, on the axes found in each half's map "
+        "(RELION's practice)",
+    )
     checkpoint_minutes: float = parameter(2.0, "time between checkpoints", minimum=0)
 
     def __post_init__(self):

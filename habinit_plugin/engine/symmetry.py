@@ -192,6 +192,18 @@ def symmetrise_grid(grid, name: str, oversampling: int):
     return out
 
 
+def rotate_grid(grid, rotation, oversampling: int):
+    """The centred Fourier grid (G, G, G) of the map turned by ``rotation`` (3, 3) about the box centre:
+    out(k) = grid(R^T k), trilinear; zero beyond the inscribed sphere."""
+    from .projector import project  # noqa: PLC0415
+
+    xp = array_module(grid)
+    coords, inside = _sphere_coordinates(grid.shape[0], oversampling, xp)
+    out = xp.zeros_like(grid)
+    out.reshape(-1)[inside] = project(grid, coords @ xp.asarray(rotation, dtype=xp.float32), oversampling)
+    return out
+
+
 def _sphere_coordinates(size: int, oversampling: int, xp):
     """Frequencies (n, 3) (kx, ky, kz; Fourier pixels of the box) of the voxels inside the sphere of radius
     size/2 - 1 voxels, and their flat indices."""
