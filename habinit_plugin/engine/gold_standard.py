@@ -36,7 +36,7 @@ from .particles import ParticleError, ParticleSet
 from .passes import run_passes
 from .settings import MIN_PARTICLES_PER_HALF, AbinitSettings, JobSettings
 from .symmetry import canonical_poses, is_trivial
-from .symmetry_search import find_symmetry_axes
+from .symmetry_search import find_symmetry_axes, map_correlation
 
 log = logging.getLogger("habinit")
 
@@ -120,6 +120,11 @@ class GoldStandardJob:
         self.volumes: dict[str, np.ndarray] = {}  # the map of each half
         self._last_save = time.time()
 
+    @property
+    def warnings(self) -> list[str]:
+        """Warnings found during the run (kept in the checkpoint), for the log and run.json."""
+        return list(self.state.get("warnings", []))
+
     # -------------------------------------------------------------- checkpoints
 
     def resume(self) -> bool:
@@ -188,14 +193,26 @@ class GoldStandardJob:
         if not self.settings.symmetry_after_sgd or is_trivial(symmetry):
             return
         t0 = time.time()
+        px = self.particles.pixel_size
+        maps = {name: run.model_map() for name, run in self.runs.items()}
+        # how well two independent maps agree: the copies of a map under a true symmetry agree about as well
+        between = map_correlation(maps["A"], self._transform(maps["B"], align_maps(maps["A"], maps["B"], px)), px, 12.0)
         found = {}
         for name, run in self.runs.items():
-            fit = find_symmetry_axes(run.model_map(), self.particles.pixel_size, symmetry)
+            fit = find_symmetry_axes(maps[name], px, symmetry)
             run.impose_symmetry(symmetry, fit)
             found[name] = fit.to_dict()
             correlations = ", ".join(f"{c:.2f}" for c in fit.operator_correlations[1:])
             log.info(f"half {name}: {symmetry} axes found in the C1 map, correlation with each copy {correlations}")
-        self.state["symmetry_found"] = found
+            weakest = float(np.min(fit.operator_correlations))
+            if weakest < 0.9 * between:
+                message = (
+                    f"half {name}'s C1 map and its copy under a {symmetry} operator correlate {weakest:.2f} at 12 A, "
+                    f"less than the two half maps do ({between:.2f}): the particle may not have {symmetry} symmetry"
+                )
+                log.warning(f"warning: {message}")
+                self.state.setdefault("warnings", []).append(message)
+        self.state["symmetry_found"] = dict(found, halves_correlation=between)
         self._add_time("symmetry search", time.time() - t0)
 
     def _monitor(self, iteration: int) -> None:

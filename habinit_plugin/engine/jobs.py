@@ -219,6 +219,7 @@ def gold_standard_job(
             f"{particles.pixel_size:g} A/px, {job.split_how}; device {device_name(xp)}"
         )
         result = job.run()
+        warnings += job.warnings
         info = {
             "command": "run",
             "particles": str(Path(particles_path).resolve()),

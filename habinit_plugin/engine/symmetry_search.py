@@ -122,22 +122,34 @@ def _centre_of_mass_px(volume) -> np.ndarray:
 
 def operator_correlations(volume, name: str, pixel_size: float, resolution_A: float) -> np.ndarray:
     """(|G|,) correlation of ``volume`` with its copy turned by each operator of the group (1 for the identity),
-    over the frequencies up to ``resolution_A``."""
+    over the frequencies up to ``resolution_A`` (as :func:`map_correlation`)."""
     xp = array_module(volume)
     grid = volume_to_grid(xp.asarray(volume, dtype=xp.float32), 2)
-    coords, inside = _sphere_coordinates(grid.shape[0], 2, xp)
-    radius = volume.shape[0] * pixel_size / resolution_A
-    low = xp.sum(coords * coords, axis=1) <= radius * radius
-    coords, inside = coords[low], inside[low]
+    coords, inside = _low_frequencies(grid.shape[0], volume.shape[0] * pixel_size / resolution_A, xp)
     values = grid.reshape(-1)[inside]
-    values = values - values.mean()
-    out = []
-    for rotation in point_group(name):
-        turned = project(grid, coords @ xp.asarray(rotation.T, dtype=xp.float32), 2)
-        turned = turned - turned.mean()
-        cross = xp.real(xp.sum(values * xp.conj(turned)))
-        out.append(float(to_numpy(cross / xp.sqrt(xp.sum(xp.abs(values) ** 2) * xp.sum(xp.abs(turned) ** 2)))))
-    return np.array(out)
+    turned = [project(grid, coords @ xp.asarray(r.T, dtype=xp.float32), 2) for r in point_group(name)]
+    return np.array([_correlation(values, t) for t in turned])
+
+
+def map_correlation(a, b, pixel_size: float, resolution_A: float) -> float:
+    """Correlation of two maps (N, N, N) over their Fourier coefficients up to ``resolution_A``, the mean left out."""
+    xp = array_module(a)
+    grids = [volume_to_grid(xp.asarray(v, dtype=xp.float32), 2) for v in (a, b)]
+    _, inside = _low_frequencies(grids[0].shape[0], a.shape[0] * pixel_size / resolution_A, xp)
+    return _correlation(grids[0].reshape(-1)[inside], grids[1].reshape(-1)[inside])
+
+
+def _low_frequencies(size: int, radius: float, xp):
+    coords, inside = _sphere_coordinates(size, 2, xp)
+    low = xp.sum(coords * coords, axis=1) <= radius * radius
+    return coords[low], inside[low]
+
+
+def _correlation(u, v) -> float:
+    xp = array_module(u)
+    u, v = u - u.mean(), v - v.mean()
+    cross = xp.real(xp.sum(u * xp.conj(v)))
+    return float(to_numpy(cross / xp.sqrt(xp.sum(xp.abs(u) ** 2) * xp.sum(xp.abs(v) ** 2))))
 
 
 def symmetrise_map(volume, name: str):
