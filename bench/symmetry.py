@@ -14,17 +14,52 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, run_child, symmetry_of  # noqa: E402
+from common import dataset, machine, run_child, symmetry_of  # noqa: E402
 from gold_standard import _checks, _table  # noqa: E402
 
 GOLD_STANDARD = str(Path(__file__).parent / "gold_standard.py")
 RESULTS = Path(__file__).parent / "results" / "symmetry_cpu.md"
+SPEED = Path(__file__).parent / "results" / "symmetry_search_speed_cpu.md"
 SETS = ("c2_64_snr0.05", "d2_64_snr0.05", "o_64_snr0.1")
+
+
+def search_speed(repeats: int = 3) -> str:
+    """Time of one global pose search (200 images of the O set at its SGD-end band) per point group."""
+    from habinit_plugin.engine.abinit import AbinitRun
+    from habinit_plugin.engine.mrc import read_map
+    from habinit_plugin.engine.particles import load_particles
+    from habinit_plugin.engine.pose_search import global_search
+    from habinit_plugin.engine.projector import volume_to_grid
+    from habinit_plugin.engine.search_policy import global_settings
+    from habinit_plugin.engine.settings import AbinitSettings
+    from habinit_plugin.engine.symmetry import group_order
+
+    folder = dataset("o_64_snr0.1")
+    particles = load_particles(folder / "particles.star")
+    grid = volume_to_grid(read_map(folder / "gt_map.mrc")[0], 2)
+    lines = ["| symmetry | order | global search, 200 images (s) | speed-up vs C1 |", "|---|---:|---:|---:|"]
+    base = None
+    for name in ("C1", "C2", "D2", "O", "I"):
+        run = AbinitRun(particles, AbinitSettings(symmetry=name))
+        radius = run.geometry.radius(10.0)
+        batch = run.image_batch(np.arange(200), radius)
+        settings = global_settings(run.geometry, radius, run.device_bytes)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            global_search(grid, 2, batch, settings)
+            times.append(time.perf_counter() - t0)
+        best = min(times)
+        base = base or best
+        lines.append(f"| {name} | {group_order(name)} | {best:.2f} | {base / best:.1f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -32,7 +67,15 @@ def main() -> None:
     p.add_argument("--sets", nargs="+", default=list(SETS))
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--no-c1", action="store_true", help="leave out the C1 job on the O set")
+    p.add_argument("--search-speed", action="store_true", help="only time the pose search per point group")
     args = p.parse_args()
+    if args.search_speed:
+        table = search_speed()
+        SPEED.write_text(
+            f"# Pose search per point group (bench/symmetry.py --search-speed)\n\nMachine: {machine()}.\n\n{table}\n"
+        )
+        print(table)
+        return
     jobs = [(name, symmetry_of(name), seed) for name in args.sets for seed in range(args.seeds)]
     if not args.no_c1 and "o_64_snr0.1" in args.sets:
         jobs.append(("o_64_snr0.1", "C1", 0))

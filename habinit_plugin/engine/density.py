@@ -76,12 +76,17 @@ def symmetric_protein_map(group: np.ndarray, box: int = DEFAULT_BOX, pixel_size:
     from the bundled protein: one copy of an asymmetric unit per operator.
 
     The unit is the part of the protein within a radius of its centre, placed off the axes so that the
-    copies fill a sphere of 0.38 box without much overlap (the whole protein for two copies, a smaller
-    core for more). Returns ((box, box, box) float32 map, the unit's radius in Angstrom).
+    copies fill a sphere of 0.38 box without much overlap (a smaller core for more copies); the centre of
+    mass is at the box centre, as a picker centres particles. Returns ((box, box, box) float32 map, the unit's
+    radius in Angstrom).
     """
     import gemmi  # noqa: PLC0415
 
     order = len(group)
+    direction = _UNIT_DIRECTION.copy()
+    if np.allclose(group[:, 2, 2], 1.0):  # Cn: copies around the axis, so that the centre of mass is the box centre
+        direction[2] = 0.0
+        direction /= np.linalg.norm(direction)
     outer = 0.38 * box * pixel_size
     distance = outer / (1.0 + np.sqrt(2.0 / order))  # |G| discs of the unit's radius on a sphere, half covered
     structure = gemmi.read_structure(str(bundled_structure_path()))
@@ -99,7 +104,7 @@ def symmetric_protein_map(group: np.ndarray, box: int = DEFAULT_BOX, pixel_size:
                 if np.linalg.norm(p) > radius:
                     del copy[i]
                 else:
-                    copy[i].pos = gemmi.Position(*(rotation @ (p + distance * _UNIT_DIRECTION) + box // 2 * pixel_size))
+                    copy[i].pos = gemmi.Position(*(rotation @ (p + distance * direction) + box // 2 * pixel_size))
             if len(copy):
                 chain.add_residue(copy)
         model.add_chain(chain)
