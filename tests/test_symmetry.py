@@ -244,8 +244,8 @@ def test_an_unknown_symmetry_is_a_usage_error(tmp_path):
 
 @pytest.mark.parametrize("name, pixel_size", [("C3", 2.0), ("D2", 2.4), ("O", 3.0)])
 def test_the_axes_of_a_turned_and_shifted_map_are_found(name, pixel_size):
-    """The truth turned and moved off centre: the frame found puts it back on RELION's axes within half a
-    degree, and every operator's copy then correlates > 0.9 with it (< 0.5 before)."""
+    """The truth turned and moved off centre: the frame found puts it back on RELION's axes within a
+    degree, and every operator's copy then correlates > 0.9 with it (< 0.7 before)."""
     from habinit_plugin.engine import density
     from habinit_plugin.engine.align3d import Alignment, transform_map
     from habinit_plugin.engine.symmetry_search import find_symmetry_axes, operator_correlations
@@ -255,9 +255,9 @@ def test_the_axes_of_a_turned_and_shifted_map_are_found(name, pixel_size):
     moved = transform_map(truth, Alignment(turn, np.array([2.0, -1.5, 1.0])))
     fit = find_symmetry_axes(moved, pixel_size, name)
     back = fit.frame @ turn  # the truth turned by this: must keep the axes
-    assert distance_modulo(back, snap_to_normaliser(back, name), "C1")[0] < 0.5
+    assert distance_modulo(back, snap_to_normaliser(back, name), "C1")[0] < 1.0
     assert fit.operator_correlations.min() > 0.9
-    assert operator_correlations(moved, name, pixel_size, 12.0)[1:].max() < 0.5
+    assert operator_correlations(moved, name, pixel_size, 12.0)[1:].max() < 0.7
 
 
 def test_symmetry_after_a_c1_sgd_finds_the_axes_in_each_half(d2_set, tmp_path):

@@ -137,9 +137,6 @@ class GoldStandardJob:
         saved = arrays.get("volumes", {})
         self.volumes = {name: saved[name] for name in HALVES if name in saved}
         self.state = state
-        if "symmetry_found" in state:  # the SGD ran in C1; the saved models are already on the axes
-            for run in self.runs.values():
-                run.use_symmetry(self.settings.abinit.symmetry)
         log.info(f"resumed from {self.checkpoint.folder} (phase {state['phase']}, iteration {self._iteration()})")
         return True
 
