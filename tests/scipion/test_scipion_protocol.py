@@ -339,3 +339,28 @@ def test_cryosparc_cs_derived_set(project, sim32, tmp_path):
     check_outputs(prot, input_set, n)
     by_id = {p.getObjId(): int(p._rlnRandomSubset) for p in prot.outputParticles.iterItems()}
     assert [by_id[i + 1] for i in range(n)] == list(split + 1)  # cryoSPARC split 0/1 kept as 1/2
+
+
+def test_a_symmetric_set_with_its_symmetry(project, tmp_path):
+    """A D2 tetramer imported from RELION STAR, refined with Symmetry 'd2': the outputs carry the symmetry, the
+    map has it, the poses lie in the asymmetric unit."""
+    from habinit_plugin.engine import density
+    from habinit_plugin.engine.simulate import SimulationSettings, simulate_dataset
+    from habinit_plugin.engine.symmetry import canonical_poses, point_group
+
+    volume, _ = density.symmetric_protein_map(point_group("D2"), 32, PIXEL_SIZE)
+    paths = simulate_dataset(volume, PIXEL_SIZE, tmp_path / "d2", SimulationSettings(n_particles=300, snr=1.0, seed=4))
+    imported = import_particles(project, objLabel="import D2", importFrom=3, starFile=str(paths["particles"]))
+    prot = run_habinit(project, imported.outputParticles, "habinit D2", symmetryGroup="d2")
+    info = check_outputs(prot, imported.outputParticles, 300)
+    assert info["symmetry"] == "D2" and info["parameters"]["abinit"]["symmetry"] == "D2"
+    assert prot.outputVolume.symmetryGroup.get() == "D2" and prot.outputParticles.symmetryGroup.get() == "D2"
+    assert "Symmetry imposed: D2" in " ".join(prot.summary())
+    import mrcfile
+
+    with mrcfile.open(prot.outputVolume.getFileName()) as mrc:
+        m = np.array(mrc.data)
+    turned = np.roll(np.flip(m, axis=(1, 2)), 1, axis=(1, 2))  # 180 degrees about z
+    assert np.corrcoef(m.ravel(), turned.ravel())[0, 1] > 0.99
+    rotations = load_particles(Path(prot._getExtraPath("particles.star"))).rotations
+    assert np.allclose(canonical_poses(rotations, "D2"), rotations)
