@@ -266,3 +266,5 @@ def test_validate_uses_the_engine_ranges_in_the_form_words(project, sim32):
         "'Maximum resolution (A)' 20 A is coarser than 'Initial resolution (A)' 10 A"
         in errors(initialResolution=10.0, maximumResolution=20.0)[0]
     )
+    assert errors(symmetryGroup="d7") == []
+    assert "'Symmetry': unknown symmetry 'x5': use C1, Cn (n >= 2)" in errors(symmetryGroup="x5")[0]
