@@ -35,11 +35,14 @@ RESULTS = Path(__file__).parent / "results" / "gold_standard_cpu.md"
 
 
 def one_run(name: str, seed: int, symmetry: str = "C1") -> dict:
-    """One job on data set ``name`` with ``symmetry`` imposed, compared with the truth."""
+    """One job on data set ``name`` with ``symmetry`` imposed ("O+after": found after a C1 SGD), compared with
+    the truth."""
     folder = dataset(name)
     out = OUT / "gold_standard" / f"{name}_{symmetry}_seed{seed}"
     t0 = time.time()
-    settings = JobSettings(abinit=AbinitSettings(seed=seed, symmetry=symmetry))
+    group, after = symmetry.removesuffix("+after"), symmetry.endswith("+after")
+    settings = JobSettings(abinit=AbinitSettings(seed=seed, symmetry=group), symmetry_after_sgd=after)
+    symmetry = group
     info = gold_standard_job(str(folder / "particles.star"), out, settings, overwrite=True)
     wall = time.time() - t0
     truth, px = read_map(folder / "gt_map.mrc")
@@ -66,7 +69,8 @@ def one_run(name: str, seed: int, symmetry: str = "C1") -> dict:
     )
     return {
         "dataset": name,
-        "symmetry": symmetry,
+        "symmetry": symmetry + ("+after" if after else ""),
+        "axes_error_deg": _axes_error(full.alignment, symmetry_of(name)),
         "seed": seed,
         "wall_s": wall,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -78,6 +82,14 @@ def one_run(name: str, seed: int, symmetry: str = "C1") -> dict:
         "angle_error": full.median_angle_error,
         "n_used": info["n_used"],
     }
+
+
+def _axes_error(alignment, symmetry: str) -> float:
+    """Degrees between the map-to-truth rotation and the nearest one that keeps the truth's symmetry axes."""
+    from habinit_plugin.engine.symmetry import distance_modulo, snap_to_normaliser
+
+    rotation = alignment.rotation
+    return float(distance_modulo(rotation, snap_to_normaliser(rotation, symmetry), "C1")[0])
 
 
 def _checks(r: dict) -> dict:
