@@ -322,3 +322,29 @@ def test_our_symmetrised_map_is_relion_s(name, tmp_path):
     other = transform_map(symmetrise_map(transform_map(volume, Alignment(turn.matrix.T, np.zeros(3))), name), turn)
     same, turned = map_correlation(relion, ours, 2.4, 8.0), map_correlation(relion, other, 2.4, 8.0)
     assert same > 0.995 and 1 - same < 0.2 * (1 - turned), (same, turned)  # measured 0.9988 to 0.9998
+
+
+def test_a_run_resumed_after_the_symmetry_was_found_goes_on_bit_for_bit(d2_set):
+    """The C1 start, the switch to D2 and a resume from the state saved after it: the same model as a run never
+    stopped."""
+    from fixtures import TINY
+    from habinit_plugin.engine.abinit import AbinitRun
+    from habinit_plugin.engine.particles import load_particles
+    from habinit_plugin.engine.settings import AbinitSettings
+
+    particles = load_particles(d2_set["particles"])
+    settings = AbinitSettings(**TINY, symmetry="D2", seed=3)
+    alone = AbinitRun(particles, settings)
+    for _ in range(6):
+        alone.step()
+    first = AbinitRun(particles, settings)
+    for _ in range(4):
+        first.step()
+    assert first.settings.symmetry == "D2"  # found at iteration 3 (a quarter of 12)
+    arrays, meta = first.get_state()
+    resumed = AbinitRun(particles, settings)
+    resumed.set_state(arrays, meta)
+    assert resumed.settings.symmetry == "D2" and resumed.geometry.settings.symmetry == "D2"
+    for _ in range(2):
+        resumed.step()
+    assert np.array_equal(resumed.grid, alone.grid) and np.array_equal(resumed.rotations, alone.rotations)
