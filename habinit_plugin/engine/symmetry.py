@@ -176,40 +176,50 @@ def symmetrise_grid(grid, name: str, oversampling: int):
     Samples off the grid are trilinear (as RELION symmetrises its backprojection sums); voxels
     beyond the grid's inscribed sphere, whose rotated copies leave the grid, are zero.
     """
-    from .projector import project  # noqa: PLC0415
-
     name = symmetry_name(name)
     if name == "C1":
         return grid
-    xp = array_module(grid)
-    size = grid.shape[0]
-    coords, inside = _sphere_coordinates(size, oversampling, xp)
-    total = xp.zeros(coords.shape[0], dtype=grid.dtype)
-    for rotation in _group(name):
-        total += project(grid, coords @ xp.asarray(rotation.T, dtype=xp.float32), oversampling)
-    out = xp.zeros_like(grid)
-    out.reshape(-1)[inside] = total
-    return out
+    return _resampled(grid, [rotation.T for rotation in _group(name)], oversampling)
 
 
 def rotate_grid(grid, rotation, oversampling: int):
     """The centred Fourier grid (G, G, G) of the map turned by ``rotation`` (3, 3) about the box centre:
     out(k) = grid(R^T k), trilinear; zero beyond the inscribed sphere."""
+    return _resampled(grid, [np.asarray(rotation, dtype=np.float64)], oversampling)
+
+
+def _resampled(grid, matrices, oversampling: int, max_voxels: int = 1 << 22):
+    """out(k) = sum over M of grid(M^T k) inside the inscribed sphere, computed in slabs of at most
+    ``max_voxels`` voxels so that the scratch memory stays bounded at any box."""
     from .projector import project  # noqa: PLC0415
 
     xp = array_module(grid)
-    coords, inside = _sphere_coordinates(grid.shape[0], oversampling, xp)
+    size = grid.shape[0]
     out = xp.zeros_like(grid)
-    out.reshape(-1)[inside] = project(grid, coords @ xp.asarray(rotation, dtype=xp.float32), oversampling)
+    per_slab = max(1, max_voxels // (size * size))
+    mats = [xp.asarray(m, dtype=xp.float32) for m in matrices]
+    for z0 in range(0, size, per_slab):
+        coords, inside = _slab_coordinates(size, oversampling, z0, min(z0 + per_slab, size), xp)
+        if len(inside) == 0:
+            continue
+        total = xp.zeros(len(inside), dtype=grid.dtype)
+        for m in mats:
+            total += project(grid, coords @ m, oversampling)
+        out[z0 : z0 + per_slab].reshape(-1)[inside] = total
     return out
 
 
-def _sphere_coordinates(size: int, oversampling: int, xp):
-    """Frequencies (n, 3) (kx, ky, kz; Fourier pixels of the box) of the voxels inside the sphere of radius
-    size/2 - 1 voxels, and their flat indices."""
+def _slab_coordinates(size: int, oversampling: int, z0: int, z1: int, xp):
+    """Frequencies (n, 3) (kx, ky, kz; Fourier pixels of the box) of the voxels of slab z0:z1 inside the
+    sphere of radius size/2 - 1 voxels, and their flat indices within the slab."""
     axis = (xp.arange(size, dtype=xp.float32) - size // 2) / oversampling
-    kz, ky, kx = xp.meshgrid(axis, axis, axis, indexing="ij")
+    kz, ky, kx = xp.meshgrid(axis[z0:z1], axis, axis, indexing="ij")
     radius = (size // 2 - 1) / oversampling
     inside = xp.flatnonzero((kx * kx + ky * ky + kz * kz).reshape(-1) <= radius * radius)
     coords = xp.stack([kx.reshape(-1)[inside], ky.reshape(-1)[inside], kz.reshape(-1)[inside]], axis=1)
     return coords, inside
+
+
+def _sphere_coordinates(size: int, oversampling: int, xp):
+    """Frequencies (n, 3) of all the voxels inside the inscribed sphere, and their flat indices."""
+    return _slab_coordinates(size, oversampling, 0, size, xp)
