@@ -38,6 +38,7 @@ FORM_TO_SETTINGS = {
     "keepSplit": (JobSettings, "keep_split"),
     "keepDuplicates": (JobSettings, "keep_duplicates"),
     "symmetryGroup": (AbinitSettings, "symmetry"),
+    "symmetryAfterSgd": (JobSettings, "symmetry_after_sgd"),
     "initialResolution": (AbinitSettings, "initial_resolution_A"),
     "maximumResolution": (AbinitSettings, "max_resolution_A"),
     "numberOfInitialIterations": (AbinitSettings, "n_initial_iterations"),
@@ -84,6 +85,13 @@ FORM_TEXT = {
         "copy. Highly symmetric particles often collapse into flattened maps without it. Use the same value "
         "for RELION or cryoSPARC refinements downstream. Leave c1 when unsure: a wrong symmetry gives a "
         "wrong map.",
+    ),
+    "symmetryAfterSgd": (
+        "Find the symmetry after SGD?",
+        "RELION's practice: run the stochastic gradient descent without symmetry, then let each half find the "
+        "symmetry axes in its own map and impose the symmetry in the full passes. Slower, but if the particle "
+        "does not have the symmetry the log and the summary say so. No: the symmetry is imposed early in the "
+        "SGD (after a short start without it).",
     ),
     "initialResolution": (
         "Initial resolution (A)",
@@ -522,6 +530,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             lines.append(f"Computed on: {info['device']}.")
         if self.quickSchedule:
             lines.append("Quick test schedule: not a real result.")
+        lines += [f"Warning: {w[0].upper() + w[1:]}." for w in info.get("warnings", [])]
         return lines
 
     def _methods(self):
