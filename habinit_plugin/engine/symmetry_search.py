@@ -16,6 +16,7 @@ import numpy as np
 
 from .align3d import Alignment, _Problem, transform_map, working_box
 from .backend import array_module, to_numpy
+from .fourier import resample_volume
 from .projector import grid_to_volume, project, volume_to_grid
 from .so3 import grid_rotations, rotvec_to_matrix
 from .symmetry import (
@@ -86,10 +87,14 @@ def find_symmetry_axes(
     """
     xp = array_module(volume)
     volume = xp.asarray(volume, dtype=xp.float32)
-    n = volume.shape[0]
-    generators = _generator_matrices(name)
+    full = volume.shape[0]
     centre = _centre_of_mass_px(volume)
-    centred = transform_map(volume, Alignment(np.eye(3), -centre), oversampling=2)
+    # everything below runs on the map Fourier-cropped to the box that the search resolution needs
+    n = working_box(full, pixel_size, resolution_A)
+    volume = resample_volume(volume, n) if n < full else volume
+    pixel_size = pixel_size * full / n
+    generators = _generator_matrices(name)
+    centred = transform_map(volume, Alignment(np.eye(3), -centre * n / full), oversampling=2)
     coarse_res = 2.0 * resolution_A
     coarse = _Problem(centred, centred, pixel_size, working_box(n, pixel_size, coarse_res), coarse_res)
     frames = grid_rotations(2)
