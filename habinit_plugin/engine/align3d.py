@@ -22,7 +22,7 @@ from .backend import array_module, fft_kwargs, fft_module, to_numpy
 from .fourier import centered_fftn, centered_ifftn, resample_volume
 from .projector import project, volume_to_grid
 from .so3 import grid_rotations, rotvec_to_matrix
-from .symmetry import allowed_centring, is_trivial, snap_to_normaliser
+from .symmetry import allowed_centring, is_trivial, normaliser_rotations, symmetry_name
 
 
 @dataclass
@@ -143,6 +143,8 @@ def align_maps(
     reference = xp.asarray(reference, dtype=xp.float32)
     moving = xp.asarray(moving, dtype=xp.float32)
     n = reference.shape[0]
+    if not is_trivial(symmetry):
+        return _align_symmetric(reference, moving, pixel_size, settings, symmetry)
     coarse_box = working_box(n, pixel_size, settings.coarse_resolution)
     coarse = _Problem(reference, moving, pixel_size, coarse_box, settings.coarse_resolution)
     hands = [np.eye(3)] + ([-np.eye(3)] if settings.allow_mirror else [])
@@ -162,12 +164,42 @@ def align_maps(
         refined = _refine(fine, matrix, settings)
         if best is None or refined.score > best.score:
             best = refined
-    if is_trivial(symmetry):
-        return best
-    hand = -1.0 if best.mirrored else 1.0
-    matrix = hand * snap_to_normaliser(best.rotation, symmetry)
-    scores, shifts = fine.score(matrix[None])
-    return Alignment(matrix, allowed_centring(shifts[0], symmetry), float(scores[0]))
+    return best
+
+
+def _align_symmetric(reference, moving, pixel_size: float, settings: AlignSettings, symmetry: str) -> Alignment:
+    """Maps with the same symmetry about the same axes differ only by a rotation that keeps the axes (and the
+    hand): every such rotation is scored (for Cn the turns about z every 2 degrees, upright or flipped, refined
+    to 1/4 degree), in both hands."""
+    n = reference.shape[0]
+    fine = _Problem(reference, moving, pixel_size, working_box(n, pixel_size, settings.fine_resolution),
+                    settings.fine_resolution, oversampling=4)  # fmt: skip
+    hands = [1.0, -1.0] if settings.allow_mirror else [1.0]
+    candidates = normaliser_rotations(symmetry, step_deg=2.0)
+    best = None
+    for hand in hands:
+        scores, shifts = fine.score(hand * candidates, exact=False)
+        i = int(np.argmax(scores))
+        matrix = hand * candidates[i]
+        if symmetry_name(symmetry)[0] == "C":  # a continuous turn: refine its angle
+            matrix = _refine_turn(fine, matrix, 2.0)
+        score, shift = fine.score(matrix[None])
+        found = Alignment(matrix, allowed_centring(shift[0], symmetry), float(score[0]))
+        if best is None or found.score > best.score:
+            best = found
+    return best
+
+
+def _refine_turn(problem: _Problem, matrix: np.ndarray, step_deg: float) -> np.ndarray:
+    """The best turn about z of ``matrix`` (composed on the left) within +-step, halving to 1/4 degree."""
+    score = problem.score(matrix[None])[0][0]
+    while step_deg > 0.25:
+        step_deg /= 2.0
+        turns = [rotvec_to_matrix(np.array([0.0, 0.0, np.deg2rad(a)])) @ matrix for a in (-step_deg, step_deg)]
+        scores = problem.score(np.array(turns))[0]
+        if scores.max() > score:
+            matrix, score = turns[int(np.argmax(scores))], float(scores.max())
+    return matrix
 
 
 class _Problem:

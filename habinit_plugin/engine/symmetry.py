@@ -136,6 +136,18 @@ def _normaliser_elements(name: str) -> np.ndarray | None:
     return _group(name)
 
 
+def normaliser_rotations(name: str, step_deg: float = 2.0) -> np.ndarray:
+    """The proper rotations (R, 3, 3) that map the group onto itself: all of them for the finite cases, for Cn
+    the turns about z every ``step_deg`` degrees, upright and flipped (a 2-fold about x first)."""
+    name = symmetry_name(name)
+    elements = _normaliser_elements(name)
+    if elements is not None:
+        return elements.copy()
+    angles = np.deg2rad(np.arange(0.0, 360.0, step_deg))
+    turns = rotvec_to_matrix(np.stack([0 * angles, 0 * angles, angles], axis=1))
+    return np.concatenate([turns, turns @ np.diag([1.0, -1.0, -1.0])])
+
+
 def snap_to_normaliser(rotation, name: str) -> np.ndarray:
     """The rotation closest to ``rotation`` (3, 3) that maps the group's axes onto themselves.
 
