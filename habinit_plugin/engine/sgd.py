@@ -85,16 +85,20 @@ def apply_constraints(grid, oversampling: int, mask_radius_px: float, band_radiu
 
 def centre_of_mass_shift(grid):
     """Offset (x, y, z) in grid voxels of the positive density's centre from the grid centre."""
-    xp = array_module(grid)
-    volume = xp.maximum(centered_ifftn(grid).real, 0.0)
-    total = float(volume.sum())
+    return centre_of_mass_px(centered_ifftn(grid).real)
+
+
+def centre_of_mass_px(volume) -> np.ndarray:
+    """(x, y, z) offset in voxels of a real map's positive density's centre of mass from voxel N//2."""
+    xp = array_module(volume)
+    positive = xp.maximum(volume, 0.0)
+    total = float(positive.sum())
     if total <= 0:
         return np.zeros(3)
-    size = grid.shape[0]
-    axis = xp.arange(size, dtype=xp.float64) - size // 2
-    z = float((volume.sum(axis=(1, 2)) * axis).sum()) / total
-    y = float((volume.sum(axis=(0, 2)) * axis).sum()) / total
-    x = float((volume.sum(axis=(0, 1)) * axis).sum()) / total
+    axis = xp.arange(volume.shape[0], dtype=xp.float64) - volume.shape[0] // 2
+    z = float((positive.sum(axis=(1, 2)) * axis).sum()) / total
+    y = float((positive.sum(axis=(0, 2)) * axis).sum()) / total
+    x = float((positive.sum(axis=(0, 1)) * axis).sum()) / total
     return np.array([x, y, z])
 
 

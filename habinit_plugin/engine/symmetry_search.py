@@ -18,6 +18,7 @@ from .align3d import Alignment, _Problem, transform_map, working_box
 from .backend import array_module, to_numpy
 from .fourier import resample_volume
 from .projector import grid_to_volume, project, volume_to_grid
+from .sgd import centre_of_mass_px
 from .so3 import grid_rotations, rotvec_to_matrix
 from .symmetry import (
     _generators,
@@ -88,7 +89,7 @@ def find_symmetry_axes(
     xp = array_module(volume)
     volume = xp.asarray(volume, dtype=xp.float32)
     full = volume.shape[0]
-    centre = _centre_of_mass_px(volume)
+    centre = centre_of_mass_px(volume)
     # everything below runs on the map Fourier-cropped to the box that the search resolution needs
     n = working_box(full, pixel_size, resolution_A)
     volume = resample_volume(volume, n) if n < full else volume
@@ -109,20 +110,6 @@ def find_symmetry_axes(
             best_frame, best_score = frame, score
     on_axes = transform_map(centred, Alignment(best_frame, np.zeros(3)), oversampling=2)
     return SymmetryFit(best_frame, centre, best_score, operator_correlations(on_axes, name, pixel_size, resolution_A))
-
-
-def _centre_of_mass_px(volume) -> np.ndarray:
-    """(x, y, z) offset in pixels of the positive density's centre of mass from voxel N//2."""
-    xp = array_module(volume)
-    positive = xp.maximum(volume, 0.0)
-    total = float(positive.sum())
-    if total <= 0:
-        return np.zeros(3)
-    axis = xp.arange(volume.shape[0], dtype=xp.float64) - volume.shape[0] // 2
-    z = float((positive.sum(axis=(1, 2)) * axis).sum())
-    y = float((positive.sum(axis=(0, 2)) * axis).sum())
-    x = float((positive.sum(axis=(0, 1)) * axis).sum())
-    return np.array([x, y, z]) / total
 
 
 def operator_correlations(volume, name: str, pixel_size: float, resolution_A: float) -> np.ndarray:
