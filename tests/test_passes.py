@@ -15,6 +15,7 @@ from habinit_plugin.engine.passes import _insert, full_pass, internal_halves
 from habinit_plugin.engine.pose_search import SearchResult
 from habinit_plugin.engine.reconstruct import Backprojection
 from habinit_plugin.engine.settings import AbinitSettings, JobSettings
+from habinit_plugin.engine.sgd import NoiseModel
 from habinit_plugin.engine.so3 import random_rotations
 
 
@@ -23,9 +24,9 @@ def test_internal_halves_see_only_their_own_reference(tiny_set):
     run = AbinitRun(load_particles(tiny_set["particles"]), AbinitSettings(**TINY))
     run_sgd({"map": run})
     reference = run.model_map()
-    start = run.rotations.copy(), run.origins.copy()
+    start = run.rotations.copy(), run.origins.copy(), run.scale.copy(), NoiseModel(run.noise.sigma2.copy())
     first = full_pass(run, (reference, reference), run.geometry.radius(12.0), local=True)
-    run.rotations, run.origins = start
+    run.rotations, run.origins, run.scale, run.noise = start  # a pass sets the next pass's scales and noise
     other = np.roll(reference, 2, axis=0)  # a shifted copy: the poses of its half must move
     second = full_pass(run, (reference, other), run.geometry.radius(12.0), local=True)
     halves = internal_halves(run)

@@ -102,6 +102,10 @@ class AbinitRun:
         self.rotations = np.tile(np.eye(3), (self.n, 1, 1))
         self.origins = np.zeros((self.n, 2))
         self.seen = np.zeros(self.n, dtype=bool)
+        # measured by the full passes (particle_fit): signal scale (median 1), score, largest posterior weight
+        self.scale = np.ones(self.n)
+        self.score = np.full(self.n, np.nan)
+        self.max_probability = np.full(self.n, np.nan)
         self.iteration = 0
         self.history: list[IterationLog] = []
         self._order = np.empty(0, dtype=np.int64)
@@ -281,6 +285,9 @@ class AbinitRun:
             "origins": self.origins,
             "seen": self.seen,
             "order": self._order,
+            "scale": self.scale,
+            "score": self.score,
+            "max_probability": self.max_probability,
         }
         if self.noise is not None:
             arrays["noise_sigma2"] = self.noise.sigma2
@@ -302,6 +309,9 @@ class AbinitRun:
         self.origins = np.array(arrays["origins"])
         self.seen = np.array(arrays["seen"])
         self._order = np.array(arrays["order"])
+        self.scale = np.array(arrays.get("scale", self.scale))
+        self.score = np.array(arrays.get("score", self.score))
+        self.max_probability = np.array(arrays.get("max_probability", self.max_probability))
         self.noise = NoiseModel(np.array(arrays["noise_sigma2"])) if "noise_sigma2" in arrays else None
         if "grid" in arrays:
             self.grid = xp.asarray(arrays["grid"])

@@ -59,6 +59,9 @@ class JobResult:
     alignment: Alignment
     history: list[dict]
     timings: dict[str, float]
+    scale: np.ndarray  # (n_used,) signal scale of each particle (median 1 per half)
+    score: np.ndarray  # (n_used,) log-likelihood ratio against an empty image (particle_fit)
+    max_probability: np.ndarray  # (n_used,) largest posterior weight of the last pass
 
 
 def job_key(particles: ParticleSet, settings: JobSettings) -> str:
@@ -291,10 +294,12 @@ class GoldStandardJob:
         n_used = len(self.used)
         rotations = np.empty((n_used, 3, 3))
         origins = np.empty((n_used, 2))
+        scale, score, max_probability = np.empty(n_used), np.empty(n_used), np.empty(n_used)
         for h, name in ((1, "A"), (2, "B")):
             rows = np.flatnonzero(self.half_set == h)
-            rotations[rows] = self.runs[name].rotations
-            origins[rows] = self.runs[name].origins
+            run = self.runs[name]
+            rotations[rows], origins[rows] = run.rotations, run.origins
+            scale[rows], score[rows], max_probability[rows] = run.scale, run.score, run.max_probability
         return JobResult(
             maps=dict(self.volumes),
             fsc=curve,
@@ -308,6 +313,9 @@ class GoldStandardJob:
             alignment=Alignment.from_dict(self.state["alignment"]),
             history=self.state["history"],
             timings=dict(self.state["timings"]),
+            scale=scale,
+            score=score,
+            max_probability=max_probability,
         )
 
 

@@ -26,6 +26,8 @@ from .gold_standard import GoldStandardJob, JobResult
 from .gpu_budget import set_gpu_memory_limit
 from .halves import assign_half_sets, duplicated_images, refuse_duplicated_images
 from .mrc import write_map
+from .normalisation import ImageNormalisation, measure_stack, sample_rows
+from .orientation import orientation_report
 from .outputs import (
     CHECKPOINT,
     FSC_JSON,
@@ -47,7 +49,7 @@ from .outputs import (
     read_json,
     write_json,
 )
-from .particles import ParticleSet, load_particles, write_particles_star
+from .particles import ParticleError, ParticleSet, load_particles, write_particles_star
 from .passes import run_passes
 from .reconstruct import reconstruct_half_maps
 from .settings import AbinitSettings, DeviceSettings, JobSettings, particle_warnings
@@ -89,8 +91,31 @@ def open_job(
         refuse_duplicated_images(particles)
     if xp is np or particles.image_bytes <= GPU_SCAN_LIMIT_BYTES:
         particles.check_images()
+    particles = normalised(particles, settings.invert_contrast, particles_path)
     settings, warnings = clamp_max_resolution(settings, particles.pixel_size)
     return xp, limit, particles, settings, warnings + duplicate_warnings(particles)
+
+
+def normalised(particles: ParticleSet, invert_contrast: bool, path: str) -> ParticleSet:
+    """The particles with their images normalised (background mean 0, the stack's noise sd 1, the sign flipped
+    with ``invert_contrast``); a ParticleError when the contrast contradicts ``invert_contrast``."""
+    noise_sd, contrast = measure_stack(particles.read_images(sample_rows(len(particles))))
+    if contrast.dark_particles and not invert_contrast:
+        raise ParticleError(
+            f"{path}: the particles are darker than the background (mean contrast {contrast.z:.1f} standard errors "
+            f"over {contrast.n_images} images): the stack was not contrast-inverted; rerun with --invert-contrast "
+            "('Invert contrast?' in Scipion) or invert it at extraction"
+        )
+    if contrast.white_particles and invert_contrast:
+        raise ParticleError(
+            f"{path}: --invert-contrast was given but the particles are already brighter than the background "
+            f"(mean contrast {contrast.z:.1f} standard errors over {contrast.n_images} images): leave it out"
+        )
+    log.info(
+        f"images: background noise sd {noise_sd:.4g} (the job divides by it), particle contrast "
+        f"{contrast.z:+.1f} standard errors ({'inverted by --invert-contrast' if invert_contrast else 'as stored'})"
+    )
+    return replace(particles, normalisation=ImageNormalisation(noise_sd, -1.0 if invert_contrast else 1.0))
 
 
 def duplicate_warnings(particles: ParticleSet) -> list[str]:
@@ -250,8 +275,9 @@ def write_run_outputs(out: Path, particles: ParticleSet, result: JobResult, run_
     for name, path in HALF_MAPS.items():
         write_map(out / path, result.maps[name], px)
     write_map(out / MAP, 0.5 * (result.maps["A"] + result.maps["B"]), px)
+    scores = {"rlnLogLikeliContribution": result.score, "rlnMaxValueProbDistribution": result.max_probability}
     write_particles_star(
-        out / PARTICLES_STAR, particles, result.used, result.rotations, result.origins, result.half_set
+        out / PARTICLES_STAR, particles, result.used, result.rotations, result.origins, result.half_set, scores
     )
     unused_path = out / UNUSED_PARTICLES_STAR
     if len(result.unused):
@@ -259,6 +285,7 @@ def write_run_outputs(out: Path, particles: ParticleSet, result: JobResult, run_
     else:
         unused_path.unlink(missing_ok=True)
     report = write_fsc_files(out, result.fsc, px)
+    orientation = orientation_diagnostics(result.rotations, run_info.get("symmetry", "C1"), run_info["warnings"])
     history = {"history": result.history, "resolution_0143": result.resolution_0143}
     plots.write_pngs(out, report, history, result.rotations, result.maps["A"], result.maps["B"])
     info = dict(
@@ -270,12 +297,34 @@ def write_run_outputs(out: Path, particles: ParticleSet, result: JobResult, run_
         n_used=len(result.used),
         n_unused=len(result.unused),
         alignment_B_to_A=result.alignment.to_dict(),
+        orientation=orientation,
+        particle_scale=_percentiles(result.scale),
         history=result.history,
         timings=result.timings,
         outputs=existing_outputs(out),
     )
     write_json(out / RUN_JSON, info)
     return info
+
+
+def orientation_diagnostics(rotations: np.ndarray, symmetry: str, warnings: list[str]) -> dict:
+    """How well the views cover the sphere (:func:`.orientation.orientation_report`), logged; its warning is
+    logged and added to ``warnings``."""
+    report = orientation_report(rotations, symmetry)
+    log.info(
+        f"views: sampling compensation factor SCF* {report['scf_star']:.2f} (1 uniform, below "
+        f"{report['scf_threshold']:.2f} poor); {100 * report['preferred_fraction']:.0f}% of the views within "
+        f"{report['preferred_cone_deg']:.0f} deg of the most populated direction"
+    )
+    if report["warning"]:
+        log.warning(f"warning: {report['warning']}")
+        warnings.append(report["warning"])
+    return report
+
+
+def _percentiles(values: np.ndarray) -> dict:
+    """5th, 50th and 95th percentiles of per-particle values, for run.json."""
+    return {f"p{q}": float(np.percentile(values, q)) for q in (5, 50, 95)}
 
 
 # ------------------------------------------------------------------ habinit abinit

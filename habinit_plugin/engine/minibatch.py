@@ -42,6 +42,17 @@ class ImageBatch:
         r = array_module(self.spectra).asarray(rows)
         return ImageBatch(self.spectra[r], self.ctf[r], self.noise_weight, self.freqs, self.radii, self.box)
 
+    def scaled(self, scales) -> ImageBatch:
+        """The batch with each image's CTF multiplied by its signal scale, ``scales`` (B,) host."""
+        xp = array_module(self.spectra)
+        ctf = self.ctf * xp.asarray(scales, dtype=xp.float32)[:, None]
+        return ImageBatch(self.spectra, ctf, self.noise_weight, self.freqs, self.radii, self.box)
+
+    @property
+    def inverse_noise(self):
+        """1 / noise variance per frequency (M,), without the Hermitian weight."""
+        return self.noise_weight / hermitian_weights(self.freqs)
+
     def within(self, radius: float) -> ImageBatch:
         """The frequencies within ``radius`` (Fourier pixels)."""
         m = int(np.searchsorted(self.radii, radius, "right"))

@@ -20,6 +20,7 @@ import numpy as np
 
 from .ctf import CTFParams
 from .mrc import MRCError, read_stack_images, stack_shape
+from .normalisation import ImageNormalisation
 from .so3 import euler_to_matrix, matrix_to_euler, rotvec_to_matrix
 from .star import StarBlock, StarError, read_star, write_star
 
@@ -68,6 +69,7 @@ class ParticleSet:
     table: StarBlock
     optics: StarBlock
     input_row: np.ndarray | None = None  # (P,) 0-based row in the input file (None: 0..P-1)
+    normalisation: ImageNormalisation | None = None  # applied by read_images (None: the pixels as stored)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -114,7 +116,7 @@ class ParticleSet:
         if not finite.all():
             bad = int(index[np.flatnonzero(~finite)[0]])
             raise ParticleError(f"{self.describe(bad)} contains NaN or infinite pixels")
-        return out
+        return out if self.normalisation is None else self.normalisation.apply(out)
 
     def check_images(self, chunk: int = 2000) -> None:
         """Read every image once; a ParticleError naming the input row of the first one with NaN or inf."""
@@ -449,11 +451,13 @@ def write_particles_star(
     rotations: np.ndarray | None = None,
     shifts: np.ndarray | None = None,
     half_set: np.ndarray | None = None,
+    columns: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write particles ``index`` (all when None) as a RELION 3.1 STAR file.
 
     Every input column is kept; poses (rotations (n, 3, 3), shifts (n, 2) origins in
-    pixels) and half sets (n,) replace the input's when given. Written atomically.
+    pixels), half sets (n,) and ``columns`` (RELION label: (n,) values) replace the
+    input's when given. Written atomically.
     """
     index = np.arange(len(particles)) if index is None else np.asarray(index, dtype=np.int64)
     table = particles.table.take(index)
@@ -468,6 +472,8 @@ def write_particles_star(
         table.set_column("rlnOriginYAngst", origins[:, 1])
     if half_set is not None:
         table.set_column("rlnRandomSubset", np.asarray(half_set, dtype=np.int64))
+    for label, values in (columns or {}).items():
+        table.set_column(label, values)
     if not table.has("rlnImageId"):
         table.set_column("rlnImageId", particles.ids[index])
     optics = StarBlock("optics", list(particles.optics.columns), [list(r) for r in particles.optics.rows])

@@ -29,10 +29,12 @@ from .geometry import MapGeometry
 from .gpu_budget import chunk_size_for_budget, particle_bytes
 from .minibatch import ImageBatch
 from .oom import OOMSplitter, StagedSum
+from .particle_fit import ParticleFit, fit_best_pose, normalised_scales, shell_counts
 from .pose_search import global_search, local_search, neighbourhood_search
 from .projector import volume_to_grid
 from .reconstruct import Backprojection, tau2_from_fsc, wiener_map
 from .search_policy import global_settings, local_settings, posterior_settings
+from .sgd import NoiseModel
 from .symmetry import is_trivial
 
 log = logging.getLogger("habinit")
@@ -91,6 +93,7 @@ def full_pass(run: AbinitRun, references, radius: float, local: bool, chunk: int
         chunk = chunk_size_for_budget(particle_bytes(box), run.memory_limit_bytes, fixed, max_size=chunk, fraction=0.8)
     rotations = np.empty((run.n, 3, 3))
     origins = np.empty((run.n, 2))
+    fits = PassFits.empty(run.n, box // 2 + 1)
 
     def add(index, targets):  # targets: [data 0, weight 0, data 1, weight 1], the sums or their scratch
         batch = run.image_batch(index, run.geometry.r_limit)
@@ -99,12 +102,15 @@ def full_pass(run: AbinitRun, references, radius: float, local: bool, chunk: int
             if len(rows) == 0:
                 continue
             mine = batch.rows(rows)
+            scaled = mine.scaled(run.scale[index[rows]])  # the previous pass's scales (1 after the SGD)
             reference = grids[h % len(grids)]
-            result = _search(run, reference, mine.within(radius), index[rows], radius, local, marginalise)
+            result = _search(run, reference, scaled.within(radius), index[rows], radius, local, marginalise)
             rotations[index[rows]] = result.rotations[:, 0]
             origins[index[rows]] = result.origins[:, 0]
+            fit = fit_best_pose(reference, s.oversampling, mine, rotations[index[rows]], origins[index[rows]], radius)
+            fits.record(index[rows], fit, result.weights(1.0)[:, 0] if marginalise else np.ones(len(rows)))
             target = Backprojection(targets[2 * h], targets[2 * h + 1], box, s.oversampling)
-            _insert(target, mine, result, marginalise)
+            _insert(target, scaled, result, marginalise)
 
     with StagedSum(arrays, splitter=OOMSplitter(xp=xp)) as staged:
         for start in range(0, run.n, chunk):
@@ -112,12 +118,42 @@ def full_pass(run: AbinitRun, references, radius: float, local: bool, chunk: int
             staged.run(add, np.arange(start, min(start + chunk, run.n)))
     run.rotations, run.origins = rotations, origins
     run.seen[:] = True
+    fits.apply_to(run)
     grids.clear()  # free the device memory of the references before the maps' FFTs
     return _pass_maps(run, sums, rotations, origins)
 
 
+@dataclass
+class PassFits:
+    """What a pass measures of every particle at its best pose (host arrays, (n,) or (n, n_shells))."""
+
+    scale: np.ndarray
+    score: np.ndarray
+    max_probability: np.ndarray
+    residual_power: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int, n_shells: int) -> PassFits:
+        return cls(np.ones(n), np.zeros(n), np.ones(n), np.zeros((n, n_shells)))
+
+    def record(self, index, fit: ParticleFit, max_probability) -> None:
+        """Particles ``index``' fits (assigned, not added: a piece retried after running out of memory
+        records the same values again)."""
+        self.scale[index], self.score[index], self.residual_power[index] = fit.scale, fit.score, fit.residual_power
+        self.max_probability[index] = max_probability
+
+    def apply_to(self, run: AbinitRun) -> None:
+        """The run's scales (median 1), scores and noise model from now on: the noise power of the
+        residuals at every shell up to Nyquist, whitening the next pass's search and reconstruction."""
+        run.scale = normalised_scales(self.scale)
+        run.score, run.max_probability = self.score, self.max_probability
+        counts = shell_counts(run.radii, self.residual_power.shape[1])
+        run.noise = NoiseModel.from_residual_power(self.residual_power.sum(axis=0), counts * len(self.scale))
+
+
 def _insert(target: Backprojection, batch: ImageBatch, result, marginalise: bool) -> None:
-    """Backproject a batch at its best pose, or at its kept poses with posterior weights."""
+    """Backproject a batch at its best pose, or at its kept poses with posterior weights, whitened by the
+    noise model (1 / noise variance per frequency)."""
     xp = array_module(batch.spectra)
     weights = result.weights(1.0) if marginalise else np.ones((len(result.rotations), 1))
     for k in range(weights.shape[1]):
@@ -126,7 +162,7 @@ def _insert(target: Backprojection, batch: ImageBatch, result, marginalise: bool
             continue
         r = xp.asarray(rows)
         centred = batch.spectra[r] * phase_shift(batch.freqs, xp.asarray(result.origins[rows, k]), batch.box)
-        w = xp.asarray(weights[rows, k], dtype=xp.float32)[:, None]
+        w = xp.asarray(weights[rows, k], dtype=xp.float32)[:, None] * batch.inverse_noise
         target.insert(centred, batch.ctf[r], result.rotations[rows, k], batch.freqs, inv_noise=w)
 
 

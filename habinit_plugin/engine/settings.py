@@ -143,6 +143,11 @@ class AbinitSettings:
     preconditioner: bool = parameter(True, "the preconditioned SGD step (off: a plain step, for comparison)")
     scale_invariant_search: bool = parameter(True, "scale-invariant score in the SGD search", cli=False)
     symmetry: str = parameter("C1", "point group imposed on the map, as RELION's --sym (C1, Cn, Dn, T, O, I)")
+    invert_contrast: bool = parameter(
+        False,
+        "multiply the images by -1: for a stack with dark particles (not contrast-inverted at extraction), which "
+        "the job otherwise refuses",
+    )
     c1_fraction: float = parameter(
         0.25,
         "fraction of the initial SGD iterations run in C1 before the symmetry axes are found in the map and the "

@@ -23,7 +23,6 @@ from .backend import array_module, to_numpy
 from .fourier import (
     centered_fftn,
     centered_ifftn,
-    hermitian_weights,
     phase_shift,
     radial_shells,
     shell_sum,
@@ -132,6 +131,12 @@ class NoiseModel:
         power = _shell_power(spectra, radii, n_shells)
         return cls(_fill_empty(power))
 
+    @classmethod
+    def from_residual_power(cls, power: np.ndarray, counts: np.ndarray) -> NoiseModel:
+        """The noise power of residuals: sums of |residual|^2 per shell over ``counts`` frequencies (full-plane
+        sums over all particles, (n_shells,) each); shells without frequencies take their neighbour's value."""
+        return cls(_fill_empty(np.where(counts > 0, power / np.maximum(counts, 1), 0.0)))
+
     def update(self, residuals, radii: np.ndarray, decay: float = 0.9) -> None:
         """Blend in the mean residual power per shell of a minibatch, residuals (B, M)."""
         n = len(self.sigma2)
@@ -237,7 +242,7 @@ def minibatch_gradient(grid, oversampling: int, batch: ImageBatch, rotations, or
     """
     xp = array_module(grid)
     size = grid.shape[0]
-    inv_noise = batch.noise_weight / hermitian_weights(batch.freqs)
+    inv_noise = batch.inverse_noise
     data = xp.zeros((size,) * 3, dtype=xp.complex64)
     weight = xp.zeros((size,) * 3, dtype=xp.float32)
     best_residual = None

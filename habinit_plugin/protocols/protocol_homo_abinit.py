@@ -37,6 +37,7 @@ FORM_TO_SETTINGS = {
     "numberOfParticles": (JobSettings, "n_particles"),
     "keepSplit": (JobSettings, "keep_split"),
     "keepDuplicates": (JobSettings, "keep_duplicates"),
+    "invertContrast": (AbinitSettings, "invert_contrast"),
     "symmetryGroup": (AbinitSettings, "symmetry"),
     "symmetryAfterSgd": (JobSettings, "symmetry_after_sgd"),
     "initialResolution": (AbinitSettings, "initial_resolution_A"),
@@ -76,6 +77,12 @@ FORM_TEXT = {
         "refuses such input, because copies of one image in both half sets would inflate the gold-standard "
         "FSC. Yes keeps every copy and puts all copies of an image in the same half set (each copy still "
         "counts as a particle); removing the duplicates first is usually better.",
+    ),
+    "invertContrast": (
+        "Invert contrast?",
+        "The job expects white particles on a darker background (as RELION and cryoSPARC extract them) and "
+        "refuses a set whose particles are darker than the background, before any work. Yes multiplies every "
+        "image by -1, for particles extracted without 'Invert contrast'.",
     ),
     "symmetryGroup": (
         "Symmetry",
@@ -164,7 +171,7 @@ FORM_TEXT = {
     ),
 }
 BASIC_PARAMS = ("numberOfParticles", "keepSplit", "symmetryGroup", "initialResolution", "maximumResolution")
-INPUT_PARAMS = ("numberOfParticles", "keepSplit", "keepDuplicates")
+INPUT_PARAMS = ("numberOfParticles", "keepSplit", "keepDuplicates", "invertContrast")
 
 
 def _default(form_name: str):
