@@ -1,9 +1,18 @@
-"""Density maps from atomic models, and the bundled test protein.
+"""Density maps from atomic models, and the bundled test proteins.
 
-The bundled structure is adenylate kinase from E. coli in its open state (PDB 4AKE,
-214 residues, about 24 kDa, hydrogens included), as distributed in the
-MDAnalysisTests package (``adk_open.pdb``). Maps are sums of per-atom electron
-scattering Gaussians (gemmi's ``DensityCalculatorE``).
+Two structures are bundled (gzipped PDB files in ``data/``), named for
+:func:`bundled_structure_path` and ``habinit simulate --protein``:
+
+* ``adk`` (the default everywhere): adenylate kinase from E. coli in its open state
+  (PDB 4AKE, 214 residues, about 24 kDa, hydrogens included), as distributed in the
+  MDAnalysisTests package (``adk_open.pdb``).
+* ``pr``: the ligand-binding domain of the human progesterone receptor bound to
+  progesterone (PDB 1A28, chain A only: residues 682-932 and its ligand STR, about
+  29 kDa, no hydrogens), ``progesterone_receptor_1a28_A.pdb.gz``, cut from the
+  MDAnalysisTests package's ``1a28.pdb.gz``. A second object of similar mass and
+  another shape, e.g. to check that a result is not tuned to adk.
+
+Maps are sums of per-atom electron scattering Gaussians (gemmi's ``DensityCalculatorE``).
 """
 
 from __future__ import annotations
@@ -13,14 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-BUNDLED_PDB = "adk_open.pdb.gz"
+BUNDLED_STRUCTURES = {"adk": "adk_open.pdb.gz", "pr": "progesterone_receptor_1a28_A.pdb.gz"}
+DEFAULT_PROTEIN = "adk"
+BUNDLED_PDB = BUNDLED_STRUCTURES[DEFAULT_PROTEIN]
 DEFAULT_BOX = 64
 DEFAULT_PIXEL_SIZE = 1.8  # Angstrom; the box is then 115 A for a protein about 75 A long
 
 
-def bundled_structure_path() -> Path:
-    """Path of the bundled atomic model (gzipped PDB)."""
-    return Path(str(resources.files("habinit_plugin.engine") / "data" / BUNDLED_PDB))
+def bundled_structure_path(name: str = DEFAULT_PROTEIN) -> Path:
+    """Path of the bundled atomic model ``name`` ('adk' or 'pr', see the module doc; gzipped PDB)."""
+    if name not in BUNDLED_STRUCTURES:
+        raise ValueError(f"no bundled protein {name!r}: choose one of {', '.join(BUNDLED_STRUCTURES)}")
+    return Path(str(resources.files("habinit_plugin.engine") / "data" / BUNDLED_STRUCTURES[name]))
 
 
 def atoms_to_map(model_path: str | Path, box: int, pixel_size: float, blur: float = 30.0) -> np.ndarray:
@@ -62,18 +75,22 @@ def _model_density(model, box: int, pixel_size: float, blur: float = 30.0) -> np
     return np.ascontiguousarray(np.array(calc.grid, copy=True).transpose(2, 1, 0), dtype=np.float32)
 
 
-def bundled_protein_map(box: int = DEFAULT_BOX, pixel_size: float = DEFAULT_PIXEL_SIZE) -> np.ndarray:
-    """Density map of the bundled protein (adenylate kinase, 4AKE), (box, box, box) float32."""
-    return atoms_to_map(bundled_structure_path(), box, pixel_size)
+def bundled_protein_map(
+    box: int = DEFAULT_BOX, pixel_size: float = DEFAULT_PIXEL_SIZE, name: str = DEFAULT_PROTEIN
+) -> np.ndarray:
+    """Density map of a bundled protein (default adenylate kinase, 4AKE), (box, box, box) float32."""
+    return atoms_to_map(bundled_structure_path(name), box, pixel_size)
 
 
 # the copies of the asymmetric unit sit off every symmetry axis, in this direction from the centre
 _UNIT_DIRECTION = np.array([0.62, 0.33, 0.71]) / np.linalg.norm([0.62, 0.33, 0.71])
 
 
-def symmetric_protein_map(group: np.ndarray, box: int = DEFAULT_BOX, pixel_size: float = DEFAULT_PIXEL_SIZE):
+def symmetric_protein_map(
+    group: np.ndarray, box: int = DEFAULT_BOX, pixel_size: float = DEFAULT_PIXEL_SIZE, model_path=None
+):
     """A particle with the point-group symmetry ``group`` ((|G|, 3, 3) rotations about the box centre) built
-    from the bundled protein: one copy of an asymmetric unit per operator.
+    from the bundled protein (or the atomic model ``model_path``): one copy of an asymmetric unit per operator.
 
     The unit is the part of the protein within a radius of its centre, placed off the axes so that the
     copies fill a sphere of 0.38 box without much overlap (a smaller core for more copies); the centre of
@@ -89,7 +106,7 @@ def symmetric_protein_map(group: np.ndarray, box: int = DEFAULT_BOX, pixel_size:
         direction /= np.linalg.norm(direction)
     outer = 0.38 * box * pixel_size
     distance = outer / (1.0 + np.sqrt(2.0 / order))  # |G| discs of the unit's radius on a sphere, half covered
-    structure = gemmi.read_structure(str(bundled_structure_path()))
+    structure = gemmi.read_structure(str(bundled_structure_path() if model_path is None else model_path))
     residues = [res for chain in structure[0] for res in chain]
     positions = np.array([atom.pos.tolist() for res in residues for atom in res])
     centre = positions.mean(axis=0)
