@@ -35,7 +35,7 @@ from .settings import (
     symmetry_name,
     unit_of,
 )
-from .simulate import SimulationSettings, simulate_dataset
+from .simulate import SimulationSettings, describe_effects, simulate_dataset
 from .so3 import matrix_to_euler
 from .star import StarError
 from .symmetry import point_group
@@ -62,7 +62,15 @@ def _setup_logging(verbose: bool = True) -> None:
 def add_simulate(sub) -> None:
     p = sub.add_parser("simulate", help="simulate particles from a map (default: the bundled protein)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--map", help="MRC map to project (default: bundled adenylate kinase, 4AKE)")
+    p.add_argument("--map", help="MRC map to project (default: the bundled protein, see --protein)")
+    p.add_argument(
+        "--model", help="atomic model to simulate (PDB/mmCIF, optionally gzipped), centred in --box at --pixel-size"
+    )
+    p.add_argument(
+        "--protein",
+        choices=tuple(density.BUNDLED_STRUCTURES),
+        help="bundled protein: adk (adenylate kinase 4AKE, the default) or pr (progesterone receptor LBD 1A28)",
+    )
     p.add_argument("--box", type=int, default=density.DEFAULT_BOX, help="box of the bundled map (pixels)")
     p.add_argument("--pixel-size", type=float, default=density.DEFAULT_PIXEL_SIZE, help="Angstrom per pixel")
     p.add_argument("--n-particles", type=int, default=5000)
@@ -71,35 +79,91 @@ def add_simulate(sub) -> None:
         "--symmetry",
         default="C1",
         type=_symmetry_option,
-        help="build a particle with this point group from copies of the bundled protein (RELION's names)",
+        help="build a particle with this point group from copies of the protein (--protein or --model; RELION's names)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--defocus", type=float, nargs=2, default=(10000.0, 25000.0), help="range, Angstrom")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
+    g = p.add_argument_group("effects of real particle stacks (all off by default; truth.npz records them)")
+    g.add_argument(
+        "--envelope-bfactor",
+        type=float,
+        default=0.0,
+        help="B (A^2): signal times exp(-B s^2 / 4), not written to the STAR (a decay the CTF does not describe)",
+    )
+    g.add_argument(
+        "--coloured-noise",
+        type=float,
+        default=0.0,
+        help="c: noise power 1 + c exp(-(s * 25 A)^2), same variance (more power at low frequency, as ice)",
+    )
+    g.add_argument(
+        "--preferred-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of the particles viewed from within --preferred-cone of one random direction",
+    )
+    g.add_argument("--preferred-cone", type=float, default=15.0, help="half-angle of that cone, degrees")
+    g.add_argument(
+        "--junk-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of the images without a particle: half empty, half lumps",
+    )
+    g.add_argument("--scale-sd", type=float, default=0.0, help="per-image signal scale ~ Normal(1, sd), at least 0.2")
+    g.add_argument("--intensity-scale", type=float, default=1.0, help="written pixels: value * scale + offset")
+    g.add_argument("--intensity-offset", type=float, default=0.0, help="see --intensity-scale")
+    g.add_argument(
+        "--invert-contrast", action="store_true", help="dark particles (a stack that was not contrast-inverted)"
+    )
     p.set_defaults(func=run_simulate)
+
+
+def _simulated_object(args) -> tuple[np.ndarray, float]:
+    """The map to simulate and its pixel size, from --map, --model, --protein and --symmetry."""
+    model, protein = getattr(args, "model", None), getattr(args, "protein", None)
+    symmetric = getattr(args, "symmetry", "C1") != "C1"
+    if args.map and model:
+        raise ValueError("--map and --model both give the object to simulate: use one")
+    if protein and (args.map or model):
+        raise ValueError(f"--protein picks a bundled protein: leave it out with --{'map' if args.map else 'model'}")
+    if args.map and symmetric:
+        raise ValueError("--symmetry builds its particle from the bundled protein: leave out --map")
+    if model and not Path(model).is_file():
+        raise ValueError(f"--model {model}: no such file")
+    structure = model or density.bundled_structure_path(protein or density.DEFAULT_PROTEIN)
+    if symmetric:
+        group = point_group(args.symmetry)
+        volume, unit_radius = density.symmetric_protein_map(group, args.box, args.pixel_size, model_path=structure)
+        log.info(f"{args.symmetry}: {len(group)} copies of a {unit_radius:.0f} A core of {Path(structure).name}")
+        return volume, args.pixel_size
+    if args.map:
+        return read_map(args.map)
+    return density.atoms_to_map(structure, args.box, args.pixel_size), args.pixel_size
 
 
 def run_simulate(args) -> dict:
     xp = get_xp(args.device)
-    symmetric = getattr(args, "symmetry", "C1") != "C1"
-    if args.map and symmetric:
-        raise ValueError("--symmetry builds its particle from the bundled protein: leave out --map")
-    if symmetric:
-        group = point_group(args.symmetry)
-        volume, unit_radius = density.symmetric_protein_map(group, args.box, args.pixel_size)
-        pixel_size = args.pixel_size
-        log.info(f"{args.symmetry}: {len(group)} copies of a {unit_radius:.0f} A core of the bundled protein")
-    elif args.map:
-        volume, pixel_size = read_map(args.map)
-    else:
-        volume, pixel_size = density.bundled_protein_map(args.box, args.pixel_size), args.pixel_size
     settings = SimulationSettings(
         n_particles=args.n_particles,
         snr=args.snr,
         seed=args.seed,
         defocus_min=args.defocus[0],
         defocus_max=args.defocus[1],
+        envelope_bfactor_A2=getattr(args, "envelope_bfactor", 0.0),
+        noise_colour=getattr(args, "coloured_noise", 0.0),
+        preferred_fraction=getattr(args, "preferred_fraction", 0.0),
+        preferred_cone_deg=getattr(args, "preferred_cone", 15.0),
+        junk_fraction=getattr(args, "junk_fraction", 0.0),
+        scale_sd=getattr(args, "scale_sd", 0.0),
+        intensity_scale=getattr(args, "intensity_scale", 1.0),
+        intensity_offset=getattr(args, "intensity_offset", 0.0),
+        invert_contrast=getattr(args, "invert_contrast", False),
     )
+    settings.check()
+    volume, pixel_size = _simulated_object(args)
+    for line in describe_effects(settings):
+        log.info(line)
     t0 = time.time()
     paths = simulate_dataset(volume, pixel_size, args.out, settings, xp=xp)
     log.info(
