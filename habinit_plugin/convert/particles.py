@@ -12,7 +12,7 @@ import os
 import re
 
 from pwem.constants import ALIGN_NONE, ALIGN_PROJ
-from pwem.objects import Integer, Transform
+from pwem.objects import Float, Integer, Transform
 from pyworkflow.plugin import Domain
 
 _NEEDS_QUOTES = re.compile(r"[\s'\"]")
@@ -76,11 +76,15 @@ def read_star_rows(star_file: str, block: str = "particles") -> dict:
     return rows
 
 
+SCORE_LABELS = ("rlnLogLikeliContribution", "rlnMaxValueProbDistribution")
+
+
 def fill_refined_sets(input_set, used_set, unused_set, rows: dict, pixel_size: float) -> tuple[int, int]:
     """Split ``input_set`` into the particles the engine used and those it did not.
 
-    used_set gets the engine's poses (3D alignment, shifts in input pixels) and
-    ``_rlnRandomSubset`` (1 or 2) on every item; unused_set gets the other particles as
+    used_set gets the engine's poses (3D alignment, shifts in input pixels),
+    ``_rlnRandomSubset`` (1 or 2) and the score (``_rlnLogLikeliContribution``,
+    ``_rlnMaxValueProbDistribution``) on every item; unused_set gets the other particles as
     they were. objIds are kept. Returns (n_used, n_unused).
     """
     reader = _relion_convert().createReader(alignType=ALIGN_PROJ, pixelSize=pixel_size)
@@ -95,6 +99,9 @@ def fill_refined_sets(input_set, used_set, unused_set, rows: dict, pixel_size: f
         refined.setTransform(Transform())
         reader.setParticleTransform(refined, row)
         refined._rlnRandomSubset = Integer(int(row.rlnRandomSubset))
+        for label in SCORE_LABELS:  # the engine's per-particle score: subsets can select on it
+            if hasattr(row, label):
+                setattr(refined, f"_{label}", Float(float(getattr(row, label))))
         used_set.append(refined)
         n_used += 1
     return n_used, n_unused

@@ -266,15 +266,20 @@ class AbinitRun:
 
     # -------------------------------------------------------------------- outputs
 
-    def model_map(self) -> np.ndarray:
-        """The current model as a real-space map at the full box (host float32)."""
-        box = self.geometry.box
-        n_work = self.grid.shape[0] // self.settings.oversampling
+    @property
+    def working_box(self) -> int:
+        """Box (pixels) of the model's current working grid: its band at the pixel size of that box."""
+        return self.grid.shape[0] // self.settings.oversampling
+
+    def model_map(self, box: int | None = None) -> np.ndarray:
+        """The current model as a real-space map (host float32) at the full box, or Fourier-cropped to ``box``
+        (at least :attr:`working_box`: nothing of the model is lost)."""
+        full, n_work = self.geometry.box, self.working_box
         plain = grid_to_volume(self.grid, n_work, gridding_correction=False)
         # the grid holds Fourier sums over the full box: an inverse FFT over the working box
         # scales densities by (box / n_work)^3
-        volume = plain * gridding_profile(n_work, self.grid.shape[0], self.xp) * (n_work / box) ** 3
-        return to_numpy(resample_volume(volume, box))
+        volume = plain * gridding_profile(n_work, self.grid.shape[0], self.xp) * (n_work / full) ** 3
+        return to_numpy(resample_volume(volume, box or full))
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -220,11 +220,13 @@ class GoldStandardJob:
     def _monitor(self, iteration: int) -> None:
         """Align the current B model onto A and record the gold-standard FSC (reporting only)."""
         t0 = time.time()
-        map_a, map_b = self.runs["A"].model_map(), self.runs["B"].model_map()
+        # the models are band-limited: compared on their working box, exactly, at a fraction of the cost
+        box = max(run.working_box for run in self.runs.values())
+        map_a, map_b = self.runs["A"].model_map(box), self.runs["B"].model_map(box)
+        px = self.particles.pixel_size * self.particles.box / box
         symmetry = self.runs["A"].settings.symmetry  # C1 in an SGD phase before the symmetry is found
-        alignment = align_maps(map_a, map_b, self.particles.pixel_size, xp=self.xp, symmetry=symmetry)
+        alignment = align_maps(map_a, map_b, px, xp=self.xp, symmetry=symmetry)
         curve = fsc(map_a, self._transform(map_b, alignment))
-        px = self.particles.pixel_size
         entry = {
             "iteration": iteration,
             "phase": "sgd",

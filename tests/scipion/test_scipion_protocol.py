@@ -81,6 +81,7 @@ def check_outputs(prot, input_set, n_used_max):
         assert np.allclose(matrix[:3, :3] @ matrix[:3, :3].T, np.eye(3), atol=1e-5)
         assert part.hasAttribute("_rlnRandomSubset")
         halves.append(int(part._rlnRandomSubset))
+        assert float(part._rlnLogLikeliContribution) >= 0 and 0 < float(part._rlnMaxValueProbDistribution) <= 1
     assert set(halves) == {1, 2}
     assert used_ids <= input_ids
     n_unused = n_input - n_used
