@@ -67,10 +67,10 @@ def fitted():
 
 
 def test_scale_estimate_follows_the_simulated_scales(fitted):
-    """Unbiased, with the error its noise predicts (sd 1 / sqrt(ctf_term), about 0.05 here)."""
+    """Unbiased, with the error its noise predicts (sd 1 / sqrt(ctf_term), about 0.08 here)."""
     fit, scales, _, _, _ = fitted
     error = fit.scale - scales
-    assert np.corrcoef(fit.scale, scales)[0, 1] > 0.9
+    assert np.corrcoef(fit.scale, scales)[0, 1] > 0.8  # measured on the upper half of the band: noisier
     assert abs(np.mean(error)) < 0.01
     assert 0.85 < np.std(error * np.sqrt(fit.ctf_term)) < 1.15
 
@@ -151,3 +151,24 @@ def test_dark_particles_are_refused_before_work_and_accepted_with_invert_contras
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
     with pytest.raises(ParticleError, match="already brighter"):
         gold_standard_job(tiny_set["particles"], tmp_path / "wrongly", _settings(invert_contrast=True))
+
+
+def test_sgd_leaves_out_the_images_that_fit_worst_and_scales_the_rest(tiny_set):
+    """Empty images in a minibatch are the ones the trim leaves out, and their scale is near 0."""
+    from habinit_plugin.engine.abinit import AbinitRun, run_sgd
+    from habinit_plugin.engine.pose_search import global_search
+    from habinit_plugin.engine.search_policy import global_settings
+
+    run = AbinitRun(load_particles(tiny_set["particles"]), AbinitSettings(**TINY))
+    run_sgd({"map": run})
+    radius = run.geometry.radius(run.schedule.resolution(run.iteration - 1))
+    batch = run.image_batch(np.arange(40), radius)
+    rng = np.random.default_rng(0)
+    sigma = np.sqrt(0.5 / batch.inverse_noise)
+    empty = np.arange(0, 40, 2)
+    shape = (len(empty), len(sigma))
+    batch.spectra[empty] = sigma * (rng.standard_normal(shape) + 1j * rng.standard_normal(shape))
+    result = global_search(run.grid, 2, batch, global_settings(run.geometry, radius, run.device_bytes))
+    kept, scales = run._best_fitting(batch, result, radius)
+    assert kept.sum() == 32 and set(np.flatnonzero(kept == 0)) <= set(empty)
+    assert np.median(scales[empty]) < 0.5 * np.median(np.delete(scales, empty))  # their best pose fits noise

@@ -29,6 +29,7 @@ from .fourier import half_plane_frequencies, hermitian_weights, resample_volume
 from .geometry import MapGeometry
 from .gpu_budget import candidate_bytes
 from .minibatch import ImageBatch, image_batch, image_spectra
+from .particle_fit import fit_best_pose, normalised_scales
 from .pose_search import global_search
 from .projector import backproject, grid_to_volume, gridding_profile, slice_coordinates
 from .reconstruct import regularisation
@@ -203,10 +204,17 @@ class AbinitRun:
         k = max(1, min(s.marginal_poses, result.rotations.shape[1]))
         weights = result.weights(self.schedule.temperature(t))[:, :k]
         weights = weights / weights.sum(axis=1, keepdims=True)
+        kept, scales = self._best_fitting(batch, result, radius)
         gradient, weight, residual = minibatch_gradient(
-            self.grid, s.oversampling, batch, result.rotations[:, :k], result.origins[:, :k], weights, s.symmetry
+            self.grid,
+            s.oversampling,
+            batch if scales is None else batch.scaled(scales),
+            result.rotations[:, :k],
+            result.origins[:, :k],
+            weights * kept[:, None],
+            s.symmetry,
         )
-        scale = self.n / len(index)
+        scale = self.n / max(int(kept.sum()), 1)
         if s.preconditioner:
             self.weight_ema = update_weight_ema(self.weight_ema, weight * scale, decay=0.9)
             precond = self.weight_ema
@@ -225,6 +233,18 @@ class AbinitRun:
         entry = IterationLog(t, self.schedule.resolution(t), len(index), lr, change, energy, time.time() - t0)
         self.history.append(entry)
         return entry
+
+    def _best_fitting(self, batch: ImageBatch, result, radius: float) -> np.ndarray:
+        """(B,) 1 for the images of the minibatch that enter the update, 0 for the ``minibatch_trim`` fraction
+        whose best pose explains least of them (lowest log-likelihood ratio against an empty image): junk."""
+        trim = self.settings.minibatch_trim
+        if trim <= 0 and not self.settings.sgd_scale:
+            return np.ones(len(result.rotations)), None
+        fit = fit_best_pose(
+            self.grid, self.settings.oversampling, batch, result.rotations[:, 0], result.origins[:, 0], radius
+        )
+        kept = (fit.score > np.quantile(fit.score, trim)).astype(np.float64) if trim > 0 else np.ones(len(fit.score))
+        return kept, normalised_scales(fit.scale) if self.settings.sgd_scale else None
 
     def _record_poses(self, index, rotations, origins) -> float:
         """Store the best poses; return the median change (degrees) for particles seen before."""
