@@ -234,9 +234,11 @@ class AbinitRun:
         self.history.append(entry)
         return entry
 
-    def _best_fitting(self, batch: ImageBatch, result, radius: float) -> np.ndarray:
-        """(B,) 1 for the images of the minibatch that enter the update, 0 for the ``minibatch_trim`` fraction
-        whose best pose explains least of them (lowest log-likelihood ratio against an empty image): junk."""
+    def _best_fitting(self, batch: ImageBatch, result, radius: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """(kept, scales) of the minibatch's images at their best poses (:func:`.particle_fit.fit_best_pose`):
+        kept (B,) is 1 for the images that enter the update, 0 for the ``minibatch_trim`` fraction whose best
+        pose explains least of them (junk); scales (B,) their signal scales (median 1) with ``sgd_scale``, else
+        None."""
         trim = self.settings.minibatch_trim
         if trim <= 0 and not self.settings.sgd_scale:
             return np.ones(len(result.rotations)), None
