@@ -126,7 +126,7 @@ def one_run(name: str, seed: int) -> dict:
         "angle_error": full.median_angle_error,
         "junk_auc": roc_auc(-score, junk[rows]) if junk[rows].any() else None,
         "orientation": info.get("orientation", {}),
-        "directional": {k: v for k, v in aligned_truth_fsc.items() if k != "resolutions"},
+        "directional": {k: v for k, v in aligned_truth_fsc.items() if k not in ("directions", "resolution_A")},
         "n_used": info["n_used"],
     }
 
