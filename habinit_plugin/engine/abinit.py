@@ -30,11 +30,13 @@ from .geometry import MapGeometry
 from .gpu_budget import candidate_bytes
 from .minibatch import ImageBatch, image_batch, image_spectra
 from .particle_fit import fit_best_pose, normalised_scales
+from .particle_size import MASK_PER_R50, particle_r50_px
+from .particle_size import sample_rows as particle_size_sample
 from .pose_search import global_search
 from .projector import backproject, grid_to_volume, gridding_profile, slice_coordinates
 from .reconstruct import regularisation
 from .search_policy import global_settings
-from .settings import AbinitSettings
+from .settings import AbinitSettings, option_name
 from .sgd import (
     NoiseModel,
     Schedule,
@@ -93,8 +95,8 @@ class AbinitRun:
         self.settings = settings
         self.xp = xp
         self.memory_limit_bytes = memory_limit_bytes
-        self.geometry = MapGeometry(particles.box, particles.pixel_size, settings)
         self.n = len(particles)
+        self.geometry = MapGeometry(particles.box, particles.pixel_size, settings, self._measured_r50_px())
         self.rng = np.random.default_rng(settings.seed)
         g = self.geometry
         self.schedule = Schedule(settings, max(g.sgd_resolution_A, g.nyquist_resolution_A))
@@ -120,6 +122,23 @@ class AbinitRun:
         return candidate_bytes(self.memory_limit_bytes)
 
     # --------------------------------------------------------------- data access
+
+    def _measured_r50_px(self) -> float | None:
+        """The particles' R50 (pixels) from a sample of their images, where the window radius is not set."""
+        s = self.settings
+        if s.mask_radius_A is not None and s.max_shift_A is not None:
+            return None
+        r50 = particle_r50_px(self.particles, particle_size_sample(self.n, s.seed))
+        px, box = self.particles.pixel_size, self.particles.box
+        if r50 is None:
+            log.info("particle size: no excess variance over the background found; window 0.45 box")
+        else:
+            window = min(0.45 * box, MASK_PER_R50 * r50)
+            log.info(
+                f"particle size: half the signal variance within {r50 * px:.0f} A of the centre; SGD window radius "
+                f"{window * px:.0f} A ({option_name('mask_radius_A')} sets it)"
+            )
+        return r50
 
     def _ensure_noise(self) -> None:
         """The first noise model: the mean power per shell of a random sample of images."""
@@ -274,7 +293,7 @@ class AbinitRun:
         """Impose the point group ``name`` from now on (search, sums, centring, poses)."""
         self.symmetry = name
         self.settings = replace(self.settings, symmetry=name)
-        self.geometry = MapGeometry(self.particles.box, self.particles.pixel_size, self.settings)
+        self.geometry = replace(self.geometry, settings=self.settings)
 
     def impose_symmetry(self, name: str, fit) -> None:
         """Move the model onto the axes found in it (a :class:`.symmetry_search.SymmetryFit`: centred, turned by

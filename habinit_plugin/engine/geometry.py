@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .particle_size import MASK_PER_R50
 from .settings import AbinitSettings
 
 
@@ -18,6 +19,7 @@ class MapGeometry:
     box: int
     pixel_size_A: float
     settings: AbinitSettings
+    particle_r50_px: float | None = None  # from the images (particle_size.py); None: not measured
 
     @property
     def r_limit(self) -> int:
@@ -64,12 +66,17 @@ class MapGeometry:
 
     @property
     def mask_radius_px(self) -> float:
+        """The SGD's real-space window: the setting, else 0.45 box or, when the particle's size was measured,
+        :data:`.particle_size.MASK_PER_R50` times its R50 if that is smaller."""
         if self.settings.mask_radius_A is not None:
             return self.settings.mask_radius_A / self.pixel_size_A
-        return 0.45 * self.box
+        if self.particle_r50_px is None:
+            return 0.45 * self.box
+        return min(0.45 * self.box, MASK_PER_R50 * self.particle_r50_px)
 
     @property
     def max_shift_px(self) -> float:
+        """Largest shift searched: the setting, else 0.1 box or 0.3 of the mask radius if that is smaller."""
         if self.settings.max_shift_A is not None:
             return self.settings.max_shift_A / self.pixel_size_A
-        return max(2.0, 0.1 * self.box)
+        return max(2.0, min(0.1 * self.box, 0.3 * self.mask_radius_px))
