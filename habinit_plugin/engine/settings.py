@@ -122,8 +122,15 @@ class AbinitSettings:
     final_learning_rate: float = parameter(0.1, "learning rate at the last iteration", above=0, cli=False)
     initial_temperature: float = parameter(4.0, "posterior temperature at the start, annealed to 1", above=0, cli=False)
     seed: int = parameter(0, "random seed (half-set split, starting maps, minibatches)", minimum=0)
-    mask_radius_A: float | None = parameter(None, "radius of the spherical window (default 0.45 box)", above=0)
-    max_shift_A: float | None = parameter(None, "largest particle shift searched (default 0.1 box)", minimum=0)
+    mask_radius_A: float | None = parameter(
+        None,
+        "radius of the SGD's spherical window (default: 2.5 times the radius holding half of the particles' signal "
+        "variance in the images, about 1.5 times the particle's radius; at most 0.45 box)",
+        above=0,
+    )
+    max_shift_A: float | None = parameter(
+        None, "largest particle shift searched (default 0.3 of the window radius, at most 0.1 box)", minimum=0
+    )
     min_resolution_A: float | None = parameter(
         None,
         "ignore frequencies below this in the search (small particles)",
