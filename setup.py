@@ -25,6 +25,7 @@ setup(
         "emtable>=0.0.14",
         "gemmi>=0.6",
         "matplotlib>=3.5",
+        "cryosparc-tools>=4.6,<6",  # cryoSPARC .cs files (engine/cryosparc.py); wheels for CPython 3.9-3.13
     ],
     extras_require={
         "test": ["pytest>=7"],

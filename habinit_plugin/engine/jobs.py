@@ -20,6 +20,7 @@ import numpy as np
 from . import __version__, plots
 from .abinit import AbinitRun, run_sgd
 from .backend import device_name, get_xp
+from .cryosparc import write_particles_cs
 from .folder_lock import folder_lock
 from .fsc import fsc, resolution_at
 from .gold_standard import GoldStandardJob, JobResult
@@ -37,6 +38,7 @@ from .outputs import (
     HALF_MAP_B,
     HALF_MAPS,
     MAP,
+    PARTICLES_CS,
     PARTICLES_STAR,
     RUN_JSON,
     UNUSED_PARTICLES_STAR,
@@ -278,6 +280,9 @@ def write_run_outputs(out: Path, particles: ParticleSet, result: JobResult, run_
     scores = {"rlnLogLikeliContribution": result.score, "rlnMaxValueProbDistribution": result.max_probability}
     write_particles_star(
         out / PARTICLES_STAR, particles, result.used, result.rotations, result.origins, result.half_set, scores
+    )
+    write_particles_cs(
+        out / PARTICLES_CS, particles, result.used, result.rotations, result.origins, result.half_set, result.scale
     )
     unused_path = out / UNUSED_PARTICLES_STAR
     if len(result.unused):

@@ -20,6 +20,7 @@ HALF_MAP_B = "half_map_B.mrc"
 HALF_MAPS = {"A": HALF_MAP_A, "B": HALF_MAP_B}
 MAP = "map.mrc"  # the average of the half maps (habinit run), or the one map (habinit abinit)
 PARTICLES_STAR = "particles.star"
+PARTICLES_CS = "particles.cs"  # the same particles for cryoSPARC (cryosparc.py)
 UNUSED_PARTICLES_STAR = "unused_particles.star"
 FSC_JSON = "fsc.json"
 FSC_STAR = "fsc.star"
@@ -37,6 +38,7 @@ RUN_FILES = (
     HALF_MAP_B,
     MAP,
     PARTICLES_STAR,
+    PARTICLES_CS,
     UNUSED_PARTICLES_STAR,
     FSC_JSON,
     FSC_STAR,

@@ -1,9 +1,5 @@
-"""Particle sets: RELION STAR (3.0 and 3.1+) or cryoSPARC .cs metadata, images on disk.
-
-A :class:`ParticleSet` holds per-particle metadata as arrays and the original STAR
-table as text (RELION 3.1 layout: an optics block and a particles block), so that
-outputs keep every input column. Images stay in their MRC stacks and are read in
-batches through memory maps.
+"""Loading particle sets from RELION STAR (3.0 and 3.1+) or cryoSPARC .cs metadata (the .cs format is
+cryosparc.py's), and writing them as RELION 3.1 STAR; the set itself is particle_set.py's.
 
 Poses follow RELION: ``rotations`` are the matrices of (rot, tilt, psi) and
 ``shifts`` are RELION origins in pixels: the particle centre sits at
@@ -13,15 +9,15 @@ Poses follow RELION: ``rotations`` are the matrices of (rot, tilt, psi) and
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from .cryosparc import cs_particles_table
 from .ctf import CTFParams
-from .mrc import MRCError, read_stack_images, stack_shape
-from .normalisation import ImageNormalisation
-from .so3 import euler_to_matrix, matrix_to_euler, rotvec_to_matrix
+from .mrc import MRCError, stack_shape
+from .particle_set import ParticleError, ParticleSet
+from .so3 import euler_to_matrix, matrix_to_euler
 from .star import StarBlock, StarError, read_star, write_star
 
 OPTICS_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
@@ -35,98 +31,6 @@ CTF_COLUMNS = {
     "bfactor": "rlnCtfBfactor",
 }
 CTF_OPTICS_COLUMNS = dict(zip(("voltage", "cs", "amplitude_contrast"), OPTICS_COLUMNS))
-
-
-class ParticleError(ValueError):
-    """Particles cannot be used; the message names the file, row, column or particle."""
-
-
-@dataclass
-class ParticleSet:
-    """Metadata of P particles.
-
-    ids: (P,) int64, rlnImageId when the input has it, else the 1-based row.
-    stacks: absolute paths of the image stacks; stack_of: (P,) index into stacks;
-    slice_of: (P,) 0-based image index in its stack.
-    pixel_size: Angstrom; box: pixels (square, even).
-    ctf: per-particle CTF parameters.
-    rotations: (P, 3, 3) RELION pose matrices or None; shifts: (P, 2) RELION origins
-    (x, y) in pixels or None; half_set: (P,) int64 rlnRandomSubset values or None.
-    table / optics: the input as a RELION 3.1 particles block and optics block.
-    """
-
-    source: str
-    ids: np.ndarray
-    stacks: list[str]
-    stack_of: np.ndarray
-    slice_of: np.ndarray
-    pixel_size: float
-    box: int
-    ctf: CTFParams
-    rotations: np.ndarray | None
-    shifts: np.ndarray | None
-    half_set: np.ndarray | None
-    table: StarBlock
-    optics: StarBlock
-    input_row: np.ndarray | None = None  # (P,) 0-based row in the input file (None: 0..P-1)
-    normalisation: ImageNormalisation | None = None  # applied by read_images (None: the pixels as stored)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def subset(self, index) -> ParticleSet:
-        index = np.asarray(index, dtype=np.int64)
-        return replace(
-            self,
-            ids=self.ids[index],
-            stack_of=self.stack_of[index],
-            slice_of=self.slice_of[index],
-            ctf=self.ctf.subset(index),
-            rotations=None if self.rotations is None else self.rotations[index],
-            shifts=None if self.shifts is None else self.shifts[index],
-            half_set=None if self.half_set is None else self.half_set[index],
-            table=self.table.take(index),
-            input_row=self.rows()[index],
-        )
-
-    def rows(self) -> np.ndarray:
-        """(P,) 0-based rows of the particles in the input file."""
-        return np.arange(len(self.ids)) if self.input_row is None else self.input_row
-
-    def describe(self, i: int) -> str:
-        """'particle <id> (row r of <file>, image <name>)' for error messages."""
-        name = f"{self.slice_of[i] + 1}@{self.stacks[self.stack_of[i]]}"
-        return f"particle {self.ids[i]} (row {self.rows()[i] + 1} of {self.source}, image {name})"
-
-    def read_images(self, index) -> np.ndarray:
-        """Images of particles ``index`` as float32 (B, box, box), in that order.
-
-        Raises ParticleError naming the particle when an image holds NaN or Inf.
-        """
-        index = np.asarray(index, dtype=np.int64)
-        out = np.empty((len(index), self.box, self.box), dtype=np.float32)
-        stack_ids = self.stack_of[index]
-        for s in np.unique(stack_ids):
-            where = np.flatnonzero(stack_ids == s)
-            try:
-                out[where] = read_stack_images(self.stacks[s], self.slice_of[index[where]])
-            except MRCError as exc:
-                raise ParticleError(str(exc)) from exc
-        finite = np.isfinite(out).all(axis=(1, 2))
-        if not finite.all():
-            bad = int(index[np.flatnonzero(~finite)[0]])
-            raise ParticleError(f"{self.describe(bad)} contains NaN or infinite pixels")
-        return out if self.normalisation is None else self.normalisation.apply(out)
-
-    def check_images(self, chunk: int = 2000) -> None:
-        """Read every image once; a ParticleError naming the input row of the first one with NaN or inf."""
-        for start in range(0, len(self), chunk):
-            self.read_images(np.arange(start, min(start + chunk, len(self))))
-
-    @property
-    def image_bytes(self) -> int:
-        """Bytes of the particles' images as float32."""
-        return 4 * len(self) * self.box * self.box
 
 
 # --------------------------------------------------------------------------- loading
@@ -143,7 +47,8 @@ def load_particles(path: str | Path, image_root: str | Path | None = None) -> Pa
     if not os.path.isfile(path):
         raise ParticleError(f"{path}: no such particles file")
     if path.endswith(".cs"):
-        table, optics = _tables_from_cs(path)
+        table, optics = _optics_from_particle_columns(cs_particles_table(path))
+        table.drop_columns([*OPTICS_COLUMNS, "rlnImagePixelSize"])
     else:
         try:
             table, optics = _tables_from_star(path)
@@ -371,74 +276,6 @@ def _particle_set(path: str, table: StarBlock, optics: StarBlock, image_root) ->
     return ParticleSet(
         path, ids, stacks, stack_of, slices, pixel_size, box, ctf, rotations, shifts, half_set, table, optics
     )
-
-
-# ---------------------------------------------------------------------- cryoSPARC
-
-
-_CS_REQUIRED = (
-    "blob/path",
-    "blob/idx",
-    "blob/psize_A",
-    "ctf/accel_kv",
-    "ctf/cs_mm",
-    "ctf/amp_contrast",
-    "ctf/df1_A",
-    "ctf/df2_A",
-    "ctf/df_angle_rad",
-)
-
-
-def _tables_from_cs(path: str) -> tuple[StarBlock, StarBlock]:
-    """A cryoSPARC particle .cs file as RELION 3.1 tables (as pyem's csparc2star maps them)."""
-    with open(path, "rb") as f:
-        if f.read(6) != b"\x93NUMPY":
-            raise ParticleError(f"{path}: not a cryoSPARC .cs file (a .cs is a NumPy record array; this is not one)")
-    try:
-        cs = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise ParticleError(f"{path}: cannot read .cs without pickle ({exc})") from exc
-    except Exception as exc:
-        raise ParticleError(f"{path}: not a cryoSPARC .cs (numpy record) file ({exc})") from exc
-    names = cs.dtype.names or ()
-    missing = [f for f in _CS_REQUIRED if f not in names]
-    if missing:
-        raise ParticleError(f"{path}: missing cryoSPARC field(s) {', '.join(missing)}")
-    n = len(cs)
-    if n == 0:
-        raise ParticleError(f"{path}: holds no particles")
-    blob = [p.decode() if isinstance(p, bytes) else str(p) for p in cs["blob/path"]]
-    blob = [p[1:] if p.startswith(">") else p for p in blob]
-    table = StarBlock("particles", [], [[] for _ in range(n)], path)
-    table.set_column("rlnImageName", [f"{i + 1:06d}@{p}" for i, p in zip(cs["blob/idx"], blob)])
-    table.set_column("rlnDefocusU", cs["ctf/df1_A"])
-    table.set_column("rlnDefocusV", cs["ctf/df2_A"])
-    table.set_column("rlnDefocusAngle", np.rad2deg(cs["ctf/df_angle_rad"]))
-    if "ctf/phase_shift_rad" in names:
-        table.set_column("rlnPhaseShift", np.rad2deg(cs["ctf/phase_shift_rad"]))
-    if "ctf/bfactor" in names:
-        table.set_column("rlnCtfBfactor", cs["ctf/bfactor"])
-    if "uid" in names:
-        table.set_column("csUid", [str(int(u)) for u in cs["uid"]])
-    if "alignments3D/pose" in names:
-        # cryoSPARC poses are rotation vectors of the transpose of RELION's matrix
-        rotations = np.swapaxes(rotvec_to_matrix(cs["alignments3D/pose"]), -1, -2)
-        angles = matrix_to_euler(rotations)
-        psize = cs["alignments3D/psize_A"] if "alignments3D/psize_A" in names else cs["blob/psize_A"]
-        origins = np.asarray(cs["alignments3D/shift"], dtype=np.float64) * np.asarray(psize)[:, None]
-        for j, column in enumerate(POSE_COLUMNS[:3]):
-            table.set_column(column, angles[:, j])
-        table.set_column("rlnOriginXAngst", origins[:, 0])
-        table.set_column("rlnOriginYAngst", origins[:, 1])
-    if "alignments3D/split" in names:
-        table.set_column("rlnRandomSubset", np.asarray(cs["alignments3D/split"], dtype=np.int64) + 1)
-    table.set_column("rlnVoltage", cs["ctf/accel_kv"])
-    table.set_column("rlnSphericalAberration", cs["ctf/cs_mm"])
-    table.set_column("rlnAmplitudeContrast", cs["ctf/amp_contrast"])
-    table.set_column("rlnImagePixelSize", cs["blob/psize_A"])
-    table, optics = _optics_from_particle_columns(table)
-    table.drop_columns([*OPTICS_COLUMNS, "rlnImagePixelSize"])
-    return table, optics
 
 
 # ---------------------------------------------------------------------- writing
