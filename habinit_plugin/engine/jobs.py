@@ -33,11 +33,11 @@ from .outputs import (
     CHECKPOINT,
     FSC_JSON,
     FSC_STAR,
-    FSC_STAR_COLUMNS,
     HALF_MAP_A,
     HALF_MAP_B,
     HALF_MAPS,
     MAP,
+    MASK,
     PARTICLES_CS,
     PARTICLES_STAR,
     RUN_JSON,
@@ -46,6 +46,7 @@ from .outputs import (
     clear_completion,
     existing_outputs,
     fsc_report,
+    fsc_star_columns,
     fsc_star_rows,
     map_at_iteration,
     read_json,
@@ -55,6 +56,7 @@ from .particles import ParticleError, ParticleSet, load_particles, write_particl
 from .passes import run_passes
 from .reconstruct import reconstruct_half_maps
 from .settings import AbinitSettings, DeviceSettings, JobSettings, particle_warnings
+from .solvent_mask import mask_and_masked_fsc
 from .star import StarBlock, write_star
 from .symmetry import canonical_poses
 
@@ -196,7 +198,7 @@ def write_fsc_files(out: Path, curve: np.ndarray, pixel_size: float, **context) 
     resolutions = resolution_at(curve, 0.143, pixel_size), resolution_at(curve, 0.5, pixel_size)
     report = dict(fsc_report(curve, pixel_size, *resolutions), **context)
     write_json(out / FSC_JSON, report)
-    write_star(out / FSC_STAR, [StarBlock("fsc", FSC_STAR_COLUMNS, fsc_star_rows(report))])
+    write_star(out / FSC_STAR, [StarBlock("fsc", fsc_star_columns(report), fsc_star_rows(report))])
     return report
 
 
@@ -289,7 +291,8 @@ def write_run_outputs(out: Path, particles: ParticleSet, result: JobResult, run_
         write_particles_star(unused_path, particles, result.unused)
     else:
         unused_path.unlink(missing_ok=True)
-    report = write_fsc_files(out, result.fsc, px)
+    masked = mask_and_masked_fsc(out, result.maps["A"], result.maps["B"], result.fsc, px, MASK)
+    report = write_fsc_files(out, result.fsc, px, masked=masked)
     orientation = orientation_diagnostics(result.rotations, run_info.get("symmetry", "C1"), run_info["warnings"])
     history = {"history": result.history, "resolution_0143": result.resolution_0143}
     plots.write_pngs(out, report, history, result.rotations, result.maps["A"], result.maps["B"])

@@ -19,6 +19,7 @@ HALF_MAP_A = "half_map_A.mrc"
 HALF_MAP_B = "half_map_B.mrc"
 HALF_MAPS = {"A": HALF_MAP_A, "B": HALF_MAP_B}
 MAP = "map.mrc"  # the average of the half maps (habinit run), or the one map (habinit abinit)
+MASK = "mask.mrc"  # the soft solvent mask of the masked FSC (engine/solvent_mask.py)
 PARTICLES_STAR = "particles.star"
 PARTICLES_CS = "particles.cs"  # the same particles for cryoSPARC (cryosparc.py)
 UNUSED_PARTICLES_STAR = "unused_particles.star"
@@ -37,6 +38,7 @@ RUN_FILES = (
     HALF_MAP_A,
     HALF_MAP_B,
     MAP,
+    MASK,
     PARTICLES_STAR,
     PARTICLES_CS,
     UNUSED_PARTICLES_STAR,
@@ -142,19 +144,50 @@ def fsc_report(curve, pixel_size: float, resolution_0143: float, resolution_05: 
 
 
 FSC_STAR_COLUMNS = ["rlnSpectralIndex", "rlnResolution", "rlnAngstromResolution", "rlnFourierShellCorrelation"]
+# RELION post-processing's names for the masked curves, added when fsc.json has a "masked" entry
+FSC_STAR_MASKED_COLUMNS = {
+    "fsc": "rlnFourierShellCorrelationCorrected",
+    "fsc_masked": "rlnFourierShellCorrelationMaskedMaps",
+    "fsc_phase_randomised": "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps",
+}
+
+
+def fsc_star_columns(report: dict) -> list[str]:
+    """The columns of fsc.star's ``data_fsc`` block: :data:`FSC_STAR_COLUMNS`, then the masked curves' if any."""
+    return FSC_STAR_COLUMNS + (list(FSC_STAR_MASKED_COLUMNS.values()) if report.get("masked") else [])
 
 
 def fsc_star_rows(report: dict) -> list[list[str]]:
-    """Rows of the ``data_fsc`` block of fsc.star (RELION's columns, :data:`FSC_STAR_COLUMNS`)."""
+    """Rows of the ``data_fsc`` block of fsc.star (RELION's columns, :func:`fsc_star_columns`)."""
+    masked = report.get("masked") or {}
     rows = []
-    for r in report["curve"]:
+    for k, r in enumerate(report["curve"]):
         res = r["resolution_A"]
         frequency, angstrom = (0.0, 999.0) if res is None else (1.0 / res, res)
-        rows.append([str(r["shell"]), f"{frequency:.6f}", f"{angstrom:.4f}", f"{r['fsc']:.6f}"])
+        row = [str(r["shell"]), f"{frequency:.6f}", f"{angstrom:.4f}", f"{r['fsc']:.6f}"]
+        if masked:
+            row += [f"{masked['curve'][k][key]:.6f}" for key in FSC_STAR_MASKED_COLUMNS]
+        rows.append(row)
     return rows
 
 
 def fsc_curve(report: dict) -> tuple[list[float], list[float]]:
-    """(spatial frequency in 1/A, FSC) per shell of an fsc.json report."""
+    """(spatial frequency in 1/A, FSC) per shell of an fsc.json report (or of its "masked" entry)."""
     frequency = [0.0 if r["resolution_A"] is None else 1.0 / r["resolution_A"] for r in report["curve"]]
     return frequency, [r["fsc"] for r in report["curve"]]
+
+
+def masked_resolution_line(fsc_json: str | Path) -> str | None:
+    """The summary's line on the masked resolution of a run's fsc.json, or None (no file, no masked FSC)."""
+    try:
+        masked = read_json(fsc_json).get("masked")
+    except OutputError:
+        return None
+    if not masked:
+        return None
+    mask = masked["mask"]
+    return (
+        f"Masked resolution: {masked['resolution_0143']:.2f} A at FSC 0.143 ({masked['resolution_05']:.2f} A at "
+        f"0.5), with a soft mask made from the half maps ({100 * mask['box_fraction_any_weight']:.0f}% of the box, "
+        f"{MASK}) and corrected by phase randomisation, as RELION post-processing reports it."
+    )

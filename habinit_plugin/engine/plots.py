@@ -14,28 +14,47 @@ from .outputs import PLOTS, atomic_write
 
 
 def draw_fsc(figure, report: dict) -> None:
-    """Gold-standard FSC against spatial frequency, with the 0.143 and 0.5 thresholds."""
-    rows = [r for r in report["curve"] if r.get("resolution_A")]
-    freq = np.array([1.0 / r["resolution_A"] for r in rows])
-    curve = np.array([r["fsc"] for r in rows])
+    """Gold-standard FSC against spatial frequency, with the 0.143 and 0.5 thresholds; with the masked FSC
+    (corrected by phase randomisation) and the phase-randomised masked curve beside it when ``report`` has a
+    "masked" entry (fsc.json of ``habinit run``)."""
+    freq, curve = _curve(report)
+    masked = report.get("masked")
+    res = report.get("resolution_0143")
     ax = figure.add_subplot(111)
-    ax.plot(freq, curve, "-", color="tab:blue", label="half map A vs half map B")
+    label = "unmasked" + (f" ({res:.2f} A)" if res else "") if masked else "half map A vs half map B"
+    ax.plot(freq, curve, "-", color="tab:blue", label=label)
+    if masked:
+        masked_res = masked["resolution_0143"]
+        ax.plot(*_curve(masked), "-", color="tab:orange", label=f"masked, corrected ({masked_res:.2f} A)")
+        random_freq, random_curve = _curve(masked, "fsc_phase_randomised")
+        ax.plot(random_freq, random_curve, "-", color="grey", linewidth=0.8, label="masked, phases randomised")
     ax.axhline(0.143, color="grey", linestyle="--", linewidth=1, label="0.143")
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="0.5")
-    res = report.get("resolution_0143")
     if res:
-        ax.axvline(1.0 / res, color="tab:red", linewidth=1, label=f"{res:.2f} A")
+        colour, label = ("tab:blue", None) if masked else ("tab:red", f"{res:.2f} A")  # masked: in the curve's label
+        ax.axvline(1.0 / res, color=colour, linewidth=1, label=label)
+    if masked:
+        ax.axvline(1.0 / masked_res, color="tab:orange", linewidth=1)
     ax.set_xlabel("spatial frequency (1/A)")
     ax.set_ylabel("Fourier shell correlation")
     ax.set_ylim(-0.1, 1.05)
     ax.set_xlim(0.0, freq.max() * 1.02)
-    ax.set_title(f"Gold-standard FSC: {res:.2f} A at 0.143" if res else "Gold-standard FSC")
+    if masked:
+        ax.set_title(f"Gold-standard FSC at 0.143: {res:.2f} A unmasked, {masked_res:.2f} A masked")
+    else:
+        ax.set_title(f"Gold-standard FSC: {res:.2f} A at 0.143" if res else "Gold-standard FSC")
     top = ax.secondary_xaxis("top", functions=(_inverse, _inverse))
     ticks = [r for r in (50, 30, 20, 15, 10, 8, 6, 5, 4, 3.5, 3, 2.5, 2) if freq.min() <= 1.0 / r <= freq.max()]
     top.set_xticks(ticks)
     top.set_xticklabels([f"{r:g}" for r in ticks])
     top.set_xlabel("resolution (A)")
     ax.legend(loc="upper right", fontsize=8)
+
+
+def _curve(report: dict, key: str = "fsc") -> tuple[np.ndarray, np.ndarray]:
+    """(spatial frequency 1/A, ``key``) of the shells of a report's curve past the origin."""
+    rows = [r for r in report["curve"] if r.get("resolution_A")]
+    return np.array([1.0 / r["resolution_A"] for r in rows]), np.array([r[key] for r in rows])
 
 
 def _inverse(x):

@@ -533,6 +533,9 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             f"Particles used: {info['n_used']}; not used: {info['n_unused']}.",
             f"Symmetry imposed: {info.get('symmetry', 'C1')} (use the same symmetry downstream).",
         ]
+        masked_line = outputs.masked_resolution_line(self._enginePath(outputs.FSC_JSON))
+        if masked_line:
+            lines.insert(1, masked_line)
         if info.get("device"):
             lines.append(f"Computed on: {info['device']}.")
         if self.quickSchedule:
