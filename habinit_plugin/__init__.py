@@ -35,6 +35,10 @@ def _define_plugin():
         _pathVars = []  # the engine ships inside the package: nothing to install for the CPU
         _processingField = ["SPA"]
 
+        def getName(self):
+            """The name Scipion shows in the menus and run names ("habinit - ..."); the package stays habinit_plugin."""
+            return cts.DISPLAY_NAME
+
         @classmethod
         def _defineVariables(cls):
             cls._defineVar(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
+import shutil
 import subprocess
 
 import pyworkflow.protocol.params as params
-from pwem.objects import FSC, SetOfParticles, Volume
+from pwem.objects import FSC, SetOfClasses2D, SetOfParticles, Volume
 from pwem.protocols import ProtInitialVolume, ProtRefine3D
 from pyworkflow.constants import PROD
 from pyworkflow.object import String
@@ -198,6 +200,39 @@ def _add_engine_param(form, name: str) -> None:
 
 MRC_EXTENSIONS = (".mrc", ".mrcs", ".st", ".map")
 
+# The run header's line for USE_GPU and GPU_LIST, as pyworkflow's form draws it (pyworkflow/gui/form.py): a
+# Yes/No choice and the IDs on one line labelled "GPU IDs". Every GPU message names this label.
+GPU_FORM_LABEL = "GPU IDs"
+DEFAULT_THREADS = 4
+CLASS_PARTICLES_SQLITE = "particles_of_enabled_classes.sqlite"  # the input taken from classes, in the run folder
+HAND_NOTE = (
+    "The hand of a map made from scratch is arbitrary: expect the mirror image about half of the time. Check "
+    "the hand against a known structure (e.g. right-handed alpha helices, or a related atomic model) and flip "
+    "the map if needed (relion_image_handler --invert_hand, or Chimera's 'volume flip') before building a model."
+)
+
+
+@functools.lru_cache(maxsize=1)
+def nvidia_gpu_present() -> bool:
+    """True when ``nvidia-smi -L`` lists an NVIDIA GPU on this machine (asked once; CuPy is not imported)."""
+    program = shutil.which("nvidia-smi")
+    if program is None:
+        return False
+    try:
+        out = subprocess.run([program, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU " in out.stdout
+
+
+def default_threads() -> int:
+    """The form's default number of threads: 4, or fewer on a machine with fewer cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(DEFAULT_THREADS, cores))
+
 
 class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
     """Homogeneous ab-initio refinement: two independent half maps from scratch, with a gold-standard FSC.
@@ -229,32 +264,27 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
 
     # ------------------------------------------------------------------ form
     def _defineParams(self, form):
-        form.addHidden(
-            USE_GPU,
-            params.BooleanParam,
-            default=True,
-            label="Use GPU?",
-            help="Run the engine on an NVIDIA GPU (needs CuPy in the engine's Python). Choose No to run on "
-            "the CPU: the same algorithm, only slower.",
+        gpu_help = (
+            f"'{GPU_FORM_LABEL}' Yes runs the engine on an NVIDIA GPU (it needs CuPy in the engine's Python: "
+            "scipion installb habinit-cupy); No runs it on the CPU, the same algorithm, only slower. The default is "
+            "Yes only on a machine with an NVIDIA GPU. The box holds the GPU to use, e.g. 0 (the engine uses one "
+            "GPU; run nvidia-smi to see the IDs)."
         )
-        form.addHidden(
-            GPU_LIST,
-            params.StringParam,
-            default="0",
-            label="GPU ID",
-            help="The GPU to use, e.g. 0 (the engine uses one GPU). Run nvidia-smi to see the IDs.",
-        )
+        form.addHidden(USE_GPU, params.BooleanParam, default=nvidia_gpu_present(), help=gpu_help)
+        form.addHidden(GPU_LIST, params.StringParam, default="0", help=gpu_help)  # the line's help button shows it
 
         form.addSection(label="Input")
         form.addParam(
             "inputParticles",
             params.PointerParam,
-            pointerClass="SetOfParticles",
-            pointerCondition="hasCTF",
+            pointerClass="SetOfParticles,SetOfClasses2D",
             important=True,
             label="Input particles",
-            help="Particles with CTF information, usually the particles of the good classes of a 2D "
-            "classification. No reference volume is needed: the map is built from the particles alone.",
+            help="Particles with CTF information, usually the good classes of a 2D classification. Give the "
+            "2D classes themselves (e.g. from RELION or cryoSPARC 2D classification): the job takes the particles "
+            "of the enabled classes, and the particles of disabled classes are not input at all (they are not "
+            "among the unused particles either). Or give a set of particles, e.g. from a subset step. No reference "
+            "volume is needed: the map is built from the particles alone.",
         )
         for name in INPUT_PARAMS:
             _add_engine_param(form, name)
@@ -266,13 +296,13 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             "quickSchedule",
             params.BooleanParam,
             default=False,
-            expertLevel=params.LEVEL_ADVANCED,
+            expertLevel=params.LEVEL_NORMAL,
             label="Quick test run?",
             help="Use a very short schedule (few iterations and small minibatches, which replaces the "
             "numbers of iterations and minibatch sizes above) to check a workflow in minutes. The map "
             "will be poor: never use it for real results.",
         )
-        form.addParallelSection(threads=4, mpi=0)
+        form.addParallelSection(threads=default_threads(), mpi=0)
 
     # ------------------------------------------------------------------ steps
     def _insertAllSteps(self):
@@ -283,7 +313,9 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
     def convertInputStep(self, particlesId):
         from ..convert.particles import write_particles_star
 
-        write_particles_star(self.inputParticles.get(), self._getExtraPath(cts.INPUT_STAR))
+        if self._inputIsClasses():
+            self._writeClassParticles()
+        write_particles_star(self._inputParticleSet(), self._getExtraPath(cts.INPUT_STAR))
 
     def runEngineStep(self, args):
         """Run the engine. After a failure or a kill, Continue reruns the same command, which resumes from the
@@ -298,7 +330,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             raise RuntimeError(f"The engine did not finish: {path} is missing or incomplete")
         from ..convert.particles import fill_refined_sets, read_star_rows
 
-        input_set = self.inputParticles.get()
+        input_set = self._inputParticleSet()
         pixel_size = input_set.getSamplingRate()
 
         volume = Volume()
@@ -338,6 +370,62 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         else:
             unused.close()
             os.remove(unused.getFileName())
+
+    # ------------------------------------------------------------------ input
+    def _inputIsClasses(self) -> bool:
+        return isinstance(self.inputParticles.get(), SetOfClasses2D)
+
+    def _inputImages(self):
+        """The particle set that describes the input (pixel size, CTF, acquisition, box): the input particles, or
+        the particles that the input classes classified (None when the classes lost them)."""
+        source = self.inputParticles.get()
+        return source.getImages() if isinstance(source, SetOfClasses2D) else source
+
+    def _enabledClassesDo(self, function) -> list:
+        """``function(class)`` for each enabled class of the input classes, in class order (the iterator reuses
+        one class object: ``function`` must not keep it)."""
+        return [function(cls) for cls in self.inputParticles.get().iterItems() if cls.isEnabled()]
+
+    def _inputParticleIds(self) -> list[int]:
+        """objIds of the particles the job takes, sorted: every particle of a set, or the enabled particles of
+        the enabled classes (as Scipion's subset from classes takes them)."""
+        if not self._inputIsClasses():
+            return sorted(self.inputParticles.get().getIdSet())
+        ids = self._enabledClassesDo(lambda cls: cls.getUniqueValues("id", where="enabled=1"))
+        return sorted(i for class_ids in ids for i in class_ids)
+
+    def _inputSize(self) -> int:
+        if not self._inputIsClasses():
+            return self.inputParticles.get().getSize()
+        return len(self._inputParticleIds())
+
+    def _firstInputParticle(self):
+        if not self._inputIsClasses():
+            return self.inputParticles.get().getFirstItem()
+        return next(self.inputParticles.get().iterClassItems(), None)
+
+    def _writeClassParticles(self) -> None:
+        """The particles of the enabled classes as one set in the run folder, ids kept; the set's information is the
+        classified particles' and its alignment the classes' (as Scipion's subset from classes makes it)."""
+        classes = self.inputParticles.get()
+        path = self._getPath(CLASS_PARTICLES_SQLITE)
+        if os.path.exists(path):
+            os.remove(path)
+        particles = SetOfParticles(filename=path)
+        particles.copyInfo(classes.getImages())
+        particles.setAlignment(classes.getFirstItem().getAlignment())
+        for particle in classes.iterClassItems():
+            particles.append(particle)
+        particles.write()
+        particles.close()
+
+    def _inputParticleSet(self):
+        """The input as one SetOfParticles: the input set, or the one _writeClassParticles wrote."""
+        if not self._inputIsClasses():
+            return self.inputParticles.get()
+        particles = SetOfParticles(filename=self._getPath(CLASS_PARTICLES_SQLITE))
+        particles.loadAllProperties()
+        return particles
 
     # ------------------------------------------------------------------ helpers
     def _enginePath(self, *names):
@@ -411,16 +499,21 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
     # ------------------------------------------------------------------ info
     def _validate(self):
         errors = []
-        particles = self.inputParticles.get()
+        if self.inputParticles.get() is None:
+            return ["Choose the input particles (a set of particles or of 2D classes)."]
+        particles = self._inputImages()
         if particles is None:
-            return ["Choose the input particles."]
+            return [
+                "The input classes no longer lead to the particles they classified (their set was deleted?). "
+                "Choose the classes again, or a set of particles."
+            ]
         if not particles.hasCTF():
             errors.append(
                 "The input particles have no CTF information. Estimate the CTF of the micrographs (e.g. with "
                 "CTFFIND or Gctf) and extract the particles from them, or import the particles together with "
                 "their CTF values."
             )
-        size = particles.getSize()
+        size = self._inputSize()
         n_use = self.numberOfParticles.get() or 0
         used = min(size, n_use) if n_use > 0 else size
         if used < MIN_PARTICLES:
@@ -440,7 +533,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         if pixel_size <= 0:
             errors.append("The input particles have no pixel size (sampling rate).")
         errors += self._settingsErrors()
-        first = particles.getFirstItem()
+        first = self._firstInputParticle()
         if first is not None:
             filename = first.getFileName()
             base = filename.rsplit(":", 1)[0] if ":" in os.path.basename(filename) else filename
@@ -450,8 +543,8 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
                     "engine reads MRC stacks (.mrcs/.mrc). Convert them first (e.g. with 'xmipp3 - convert' or "
                     "relion_image_handler)."
                 )
-        if self.keepSplit and self._firstHasSplit(particles):
-            bad = self._badSplitValues(particles)
+        if self.keepSplit and self._firstHasSplit(first):
+            bad = self._badSplitValues()
             if bad:
                 errors.append(
                     "You asked to keep the input half-set split, but _rlnRandomSubset has value(s) "
@@ -462,9 +555,9 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             gpus = self._visibleGpus()
             if gpus == 0:
                 errors.append(
-                    "You asked to use a GPU, but the engine sees none (no NVIDIA GPU visible, or CuPy is "
-                    "missing in the engine's Python: " + self.getClassPackage().Plugin.getEnginePython() + "). "
-                    "Set 'Use GPU?' to No to run on the CPU, or install the GPU environment "
+                    f"'{GPU_FORM_LABEL}' is Yes (use a GPU), but the engine sees none (no NVIDIA GPU visible, or "
+                    "CuPy is missing in the engine's Python: " + self.getClassPackage().Plugin.getEnginePython() + "). "
+                    f"Set '{GPU_FORM_LABEL}' to No to run on the CPU, or install the GPU environment "
                     "(scipion installb habinit-cupy) and point HABINIT_PYTHON at it."
                 )
         return errors
@@ -484,24 +577,30 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         return []
 
     @staticmethod
-    def _firstHasSplit(particles) -> bool:
-        first = particles.getFirstItem()
+    def _firstHasSplit(first) -> bool:
         return first is not None and first.hasAttribute("_rlnRandomSubset")
 
-    @staticmethod
-    def _badSplitValues(particles) -> list:
-        try:
-            values = particles.getUniqueValues("_rlnRandomSubset")
-        except Exception:
-            values = {p.getAttributeValue("_rlnRandomSubset") for p in particles.iterItems()}
+    def _badSplitValues(self) -> list:
+        """The _rlnRandomSubset values other than 1 and 2 among the input particles."""
+
+        def values_of(particles, where=None) -> set:
+            try:
+                return set(particles.getUniqueValues("_rlnRandomSubset", where=where))
+            except Exception:
+                return {p.getAttributeValue("_rlnRandomSubset") for p in particles.iterItems() if p.isEnabled()}
+
+        if self._inputIsClasses():
+            values = set().union(*self._enabledClassesDo(lambda cls: values_of(cls, "enabled=1")))
+        else:
+            values = values_of(self.inputParticles.get())
         return sorted(v for v in values if v not in (1, 2))
 
     def _warnings(self):
         warnings = []
-        particles = self.inputParticles.get()
+        particles = self._inputImages() if self.inputParticles.get() is not None else None
         if particles is None:
             return warnings
-        size = particles.getSize()
+        size = self._inputSize()
         n_use = self.numberOfParticles.get() or 0
         used = min(size, n_use) if n_use > 0 else size
         if used >= MIN_PARTICLES:  # the engine's rules, on a split in two equal halves
@@ -513,11 +612,12 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
                 f"The maximum resolution ({maximum:g} A) is beyond the Nyquist limit of these particles "
                 f"({2 * pixel_size:.2f} A); Nyquist will be used."
             )
-        if self.keepSplit and not self._firstHasSplit(particles):
+        if self.keepSplit and not self._firstHasSplit(self._firstInputParticle()):
             warnings.append("The input particles carry no half-set split: they will be split at random.")
         if not self.usesGpu() and used > 20000:
             warnings.append(
-                f"{used} particles on the CPU will take a long time; a GPU is strongly recommended for large sets."
+                f"{used} particles on the CPU will take a long time; a GPU is strongly recommended for large sets "
+                f"('{GPU_FORM_LABEL}' Yes)."
             )
         if self.quickSchedule:
             warnings.append("'Quick test run' is on: the map will be poor. Turn it off for real results.")
@@ -540,6 +640,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             lines.append(f"Computed on: {info['device']}.")
         if self.quickSchedule:
             lines.append("Quick test schedule: not a real result.")
+        lines.append(HAND_NOTE)
         lines += [f"Warning: {w[0].upper() + w[1:]}." for w in info.get("warnings", [])]
         return lines
 
@@ -547,8 +648,8 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         info = self._readRunInfo()
         if info.get("status") != "finished":
             return []
-        particles = self.inputParticles.get()
-        n_input = particles.getSize() if particles is not None else info.get("n_used", 0) + info.get("n_unused", 0)
+        n_total = info.get("n_used", 0) + info.get("n_unused", 0)
+        n_input = self._inputSize() if self._inputImages() is not None else n_total
         return [
             f"A 3D map was obtained without a reference from {info['n_used']} of {n_input} particles with "
             "homogeneous ab-initio refinement [Kim2025] in habinit: the particles were split into two half "

@@ -211,7 +211,7 @@ def test_validate_messages(tmp_path, project, sim32):
     if "sees none" not in gpu:  # a machine with a GPU and CuPy: nothing to complain about
         assert gpu == ""
     else:
-        assert "Set 'Use GPU?' to No" in gpu
+        assert "Set 'GPU IDs' to No" in gpu
 
 
 def test_protocol_loads_no_numerical_engine_module():
