@@ -79,3 +79,25 @@ def sim32(tmp_path_factory, protein_map_32):
     paths["split_star"] = out / "particles_split.star"
     write_star(paths["split_star"], [blocks["optics"], particles])
     return paths
+
+
+@pytest.fixture(scope="session")
+def relion_run(project, sim32, tmp_path_factory):
+    """The batch template: RELION 3.1 STAR (with rlnRandomSubset) -> import -> habinit on 300 of 400 particles.
+
+    One finished run for the session (the protocol, viewer and GUI tests read it; none changes it).
+    """
+    from habinit_plugin.headless import run_workflow, workflow_from_template
+
+    values = {
+        "star": sim32["split_star"],
+        "pixelsize": 3.6,
+        "nparticles": 300,
+        "quick": True,
+        "gpu": False,
+        "threads": 2,
+    }
+    workflow = workflow_from_template(values, out=tmp_path_factory.mktemp("workflow") / "habinit.json")
+    imported, prot = run_workflow(project, workflow)
+    assert prot.getClassName() == "ProtHabinitHomoAbinitRefine" and prot.numberOfParticles.get() == 300
+    return imported, prot

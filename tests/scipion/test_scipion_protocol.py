@@ -180,29 +180,8 @@ def rotations_from_star(block):
     return euler_to_matrix(*(block.floats(c) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
 
 
-# ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def relion_run(project, sim32, tmp_path_factory):
-    """The batch template: RELION 3.1 STAR (with rlnRandomSubset) -> import -> habinit on 300 of 400 particles."""
-    from habinit_plugin.headless import run_workflow, workflow_from_template
-
-    values = {
-        "star": sim32["split_star"],
-        "pixelsize": PIXEL_SIZE,
-        "nparticles": 300,
-        "quick": True,
-        "gpu": False,
-        "threads": 2,
-    }
-    workflow = workflow_from_template(values, out=tmp_path_factory.mktemp("workflow") / "habinit.json")
-    imported, prot = run_workflow(project, workflow)
-    assert prot.getClassName() == "ProtHabinitHomoAbinitRefine" and prot.numberOfParticles.get() == 300
-    return imported, prot
-
-
 # ----------------------------------------------------------------------------- tests
+# relion_run (the batch template on sim32, one finished run for the session) is in conftest.py
 
 
 def test_relion_star_import_keeps_split_and_outputs(relion_run):
