@@ -11,6 +11,7 @@ import errno
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,11 @@ from . import density, stop
 from .align3d import AlignSettings, align_maps, transform_map
 from .backend import DeviceError, get_xp
 from .fsc import fsc, resolution_at
-from .jobs import gold_standard_job, reconstruct_job, single_abinit_job
+from .gold_standard import GoldStandardJob
+from .jobs import CPU, gold_standard_job, reconstruct_job, single_abinit_job
 from .mrc import MRCError, read_map, write_map
 from .outputs import HALF_MAP_A, HALF_MAP_B, fsc_curve, fsc_report, write_json
+from .parallel_halves import STAGES, WorkerError, WorkerLaunch, half_worker_job
 from .particles import ParticleError
 from .settings import (
     QUICK_SCHEDULE,
@@ -29,6 +32,7 @@ from .settings import (
     DeviceSettings,
     JobSettings,
     SymmetryError,
+    WorkerSettings,
     cli_fields,
     help_of,
     option_name,
@@ -320,7 +324,9 @@ def run_demo(args) -> dict:
 def _option_help(f) -> str:
     """The help of a settings field's option: what it is, its unit and its default."""
     unit, default = unit_of(f.name), f.default
-    return f.metadata["help"] + (f" [{unit}]" if unit else "") + ("" if default is None else f"; default {default}")
+    return (
+        f.metadata["help"] + (f" [{unit}]" if unit else "") + ("" if default in (None, "") else f"; default {default}")
+    )
 
 
 def add_settings_arguments(p, cls) -> None:
@@ -372,20 +378,59 @@ def add_run(sub) -> None:
         help="start over when the output folder holds the checkpoint of other particles or parameters "
         "(default: refuse it)",
     )
+    add_settings_arguments(p, WorkerSettings)
+    p.add_argument(
+        "--stage",
+        choices=STAGES,
+        help="with --parallel-halves: this stage of the coordinator only, the workers (habinit half) being run "
+        "apart, as Scipion's steps do (prepare; phase 1 of both halves; align; phase 2; outputs)",
+    )
     p.set_defaults(func=run_run)
 
 
 def run_run(args) -> dict:
     settings = settings_from_arguments(args, JobSettings, abinit=_abinit_settings(args))
+    device = settings_from_arguments(args, DeviceSettings)
+    workers = settings_from_arguments(args, WorkerSettings)
+    make_job = GoldStandardJob
+    if workers.parallel:
+        if workers.gpus:  # each worker on its GPUs; the coordinator's alignments on the CPU, holding no GPU
+            device, worker_device = CPU, replace(device, device="gpu")
+        else:
+            worker_device = device
+        make_job = WorkerLaunch(args.particles, args.image_root, worker_device, workers, args.stage).job
+    elif args.stage:
+        raise ValueError("--stage is a stage of the two-worker job: add --parallel-halves or --gpus")
     return gold_standard_job(
         args.particles,
         args.out,
         settings,
-        settings_from_arguments(args, DeviceSettings),
+        device,
         args.overwrite,
         args.image_root,
         args.restart_changed,
+        make_job,
     )
+
+
+def add_half(sub) -> None:
+    p = sub.add_parser(
+        "half", help="one half's worker of the two-worker job (habinit run --parallel-halves starts them)"
+    )
+    p.add_argument("--out", required=True, help="the job's folder, prepared by habinit run --parallel-halves")
+    p.add_argument("--half", required=True, choices=("A", "B"))
+    p.add_argument(
+        "--phase",
+        required=True,
+        type=int,
+        choices=(1, 2),
+        help="1: SGD and the first full pass; 2 (after habinit run --stage align): the other passes",
+    )
+    p.set_defaults(func=run_half)
+
+
+def run_half(args) -> None:
+    half_worker_job(args.out, args.half, args.phase)
 
 
 def add_abinit(sub) -> None:
@@ -465,7 +510,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="habinit", description="Homogeneous ab-initio refinement engine (gold-standard SGD ab initio)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_simulate, add_reconstruct, add_fsc, add_abinit, add_run, add_align, add_symmetry, add_demo):
+    commands = (
+        add_simulate,
+        add_reconstruct,
+        add_fsc,
+        add_abinit,
+        add_run,
+        add_half,
+        add_align,
+        add_symmetry,
+        add_demo,
+    )
+    for add in commands:
         add(sub)
     return parser
 
@@ -473,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
 WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR}
 RESUME_ADVICE = {
     "run": "rerun the same command to resume",
+    "half": "rerun the same command to resume",
     "abinit": "habinit abinit keeps no checkpoint: rerun it to start over",
 }
 
@@ -486,6 +543,9 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         print(f"habinit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerError as exc:
+        print(f"habinit {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except stop.Interrupted as exc:
         advice = RESUME_ADVICE.get(args.command, "nothing was finished")
         print(f"habinit {args.command}: {exc}; {advice}", file=sys.stderr)

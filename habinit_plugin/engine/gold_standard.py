@@ -11,6 +11,11 @@ FSC every ``align_every`` iterations, to report the resolution per iteration);
 one global full pass per half; alignment of B onto A, applied to B's map and to
 every pose of B; local full passes per half; outputs. A checkpoint is written
 every ``checkpoint_minutes`` and at each phase boundary; rerunning resumes.
+
+The same job in two processes, one half each, is :mod:`.parallel_halves`: its workers are this
+class restricted to one half (``halves``), and its coordinator uses the module functions here
+(:func:`monitor_entry`, :func:`pass_entry`, :func:`symmetry_warning`, :func:`job_result`) on the
+files the workers write.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 from . import stop
 from .abinit import AbinitRun, run_sgd
 from .align3d import Alignment, align_maps, apply_to_poses, transform_map
-from .backend import to_numpy
+from .backend import device_name, to_numpy
 from .checkpoint import Checkpoint
 from .fsc import fsc, resolution_at
 from .halves import assign_half_sets
@@ -62,6 +67,22 @@ class JobResult:
     scale: np.ndarray  # (n_used,) signal scale of each particle (median 1 per half)
     score: np.ndarray  # (n_used,) log-likelihood ratio against an empty image (particle_fit)
     max_probability: np.ndarray  # (n_used,) largest posterior weight of the last pass
+
+
+@dataclass
+class HalfResult:
+    """What one half ends with (host arrays over the half's particles, in their order within the half)."""
+
+    volume: np.ndarray  # (box, box, box) the map of the last pass
+    rotations: np.ndarray  # (n, 3, 3) RELION matrices
+    origins: np.ndarray  # (n, 2) pixels
+    scale: np.ndarray  # (n,)
+    score: np.ndarray  # (n,)
+    max_probability: np.ndarray  # (n,)
+
+    @classmethod
+    def of_run(cls, run: AbinitRun, volume: np.ndarray) -> HalfResult:
+        return cls(volume, run.rotations, run.origins, run.scale, run.score, run.max_probability)
 
 
 def job_key(particles: ParticleSet, settings: JobSettings) -> str:
@@ -100,9 +121,19 @@ class GoldStandardJob:
     """Runs (or resumes) the job on ``particles`` with its state in ``out/checkpoint``.
 
     memory_limit_bytes: the GPU memory budget chunk sizes are chosen from (None: no limit).
+    halves: the half sets this process runs ("A", "B" or both); with one, what needs the other
+    half is left to a subclass (:class:`.parallel_halves.HalfWorker`).
     """
 
-    def __init__(self, particles: ParticleSet, settings: JobSettings, out: str | Path, xp=np, memory_limit_bytes=None):
+    def __init__(
+        self,
+        particles: ParticleSet,
+        settings: JobSettings,
+        out: str | Path,
+        xp=np,
+        memory_limit_bytes=None,
+        halves: tuple[str, ...] = HALVES,
+    ):
         self.particles = particles
         self.settings = settings
         self.out = Path(out)
@@ -118,10 +149,16 @@ class GoldStandardJob:
                 memory_limit_bytes=memory_limit_bytes,
             )
             for h, name in ((1, "A"), (2, "B"))
+            if name in halves
         }
         self.state = {"phase": "sgd", "pass": 0, "history": [], "timings": {}, "alignment": Alignment().to_dict()}
         self.volumes: dict[str, np.ndarray] = {}  # the map of each half
         self._last_save = time.time()
+
+    @property
+    def device(self) -> str:
+        """Where the job runs, for the log and run.json."""
+        return device_name(self.xp)
 
     @property
     def warnings(self) -> list[str]:
@@ -172,20 +209,19 @@ class GoldStandardJob:
         return self._result()
 
     def _sgd_phase(self) -> None:
-        total = self.runs["A"].schedule.n_iterations
-
-        def after_iteration(t: int) -> None:
-            if t % self.settings.align_every == 0 or t == total:
-                self._monitor(t)
-            if stop.requested():
-                self.save()  # run_sgd stops right after this
-            else:
-                self._maybe_save()
-
-        run_sgd(self.runs, after_iteration, self.state["timings"])
+        run_sgd(self.runs, self._after_sgd_iteration, self.state["timings"])
         self._symmetry_after_sgd()
         self.state["phase"] = "passes"
         self.save()
+
+    def _after_sgd_iteration(self, t: int) -> None:
+        """After SGD iteration ``t`` (1-based) of every run: the monitor every ``align_every``, the checkpoint."""
+        if t % self.settings.align_every == 0 or t == next(iter(self.runs.values())).schedule.n_iterations:
+            self._monitor(t)
+        if stop.requested():
+            self.save()  # run_sgd stops right after this
+        else:
+            self._maybe_save()
 
     def _symmetry_after_sgd(self) -> None:
         """RELION's practice: each half finds the axes in its own C1 map and has the symmetry from now on."""
@@ -193,29 +229,28 @@ class GoldStandardJob:
         if not self.settings.symmetry_after_sgd or is_trivial(symmetry):
             return
         t0 = time.time()
-        px = self.particles.pixel_size
         maps = {name: run.model_map() for name, run in self.runs.items()}
-        # how well two independent maps agree: the copies of a map under a true symmetry agree about as well
-        between = map_correlation(maps["A"], self._transform(maps["B"], align_maps(maps["A"], maps["B"], px)), px, 12.0)
-        found, agreement = {}, []
-        for name, run in self.runs.items():
-            fit = find_symmetry_axes(maps[name], px, symmetry)
-            run.impose_symmetry(symmetry, fit)
-            found[name] = fit.to_dict()
-            correlations = ", ".join(f"{c:.2f}" for c in fit.operator_correlations[1:])
-            log.info(f"half {name}: {symmetry} axes found in the C1 map, correlation with each copy {correlations}")
-            agreement.append(float(np.mean(fit.operator_correlations[1:])))
-        # one half's SGD may simply have converged less: the particle is suspect when neither half's copies agree
-        if max(agreement) < 0.9 * between:
-            message = (
-                f"the C1 maps of both halves agree with their copies under the {symmetry} operators at most "
-                f"{max(agreement):.2f} (mean correlation at 12 A), less than the two half maps agree ({between:.2f}): "
-                f"the particle may not have {symmetry} symmetry"
-            )
+        between = halves_correlation(maps["A"], maps["B"], self.particles.pixel_size, self._transform)
+        found = self._impose_found_symmetry(maps)
+        message = symmetry_warning(symmetry, [fit["agreement"] for fit in found.values()], between)
+        if message:
             log.warning(f"warning: {message}")
             self.state.setdefault("warnings", []).append(message)
         self.state["symmetry_found"] = dict(found, halves_correlation=between)
         self._add_time("symmetry search", time.time() - t0)
+
+    def _impose_found_symmetry(self, maps: dict[str, np.ndarray]) -> dict[str, dict]:
+        """Each half's axes found in its own C1 map (``maps``: full-box host maps by half), imposed on its run;
+        returns each half's fit (:class:`.symmetry_search.SymmetryFit` as a dict) with its ``agreement``, the mean
+        correlation of the map with its copies."""
+        symmetry, px, found = self.settings.abinit.symmetry, self.particles.pixel_size, {}
+        for name, run in self.runs.items():
+            fit = find_symmetry_axes(maps[name], px, symmetry)
+            run.impose_symmetry(symmetry, fit)
+            correlations = ", ".join(f"{c:.2f}" for c in fit.operator_correlations[1:])
+            log.info(f"half {name}: {symmetry} axes found in the C1 map, correlation with each copy {correlations}")
+            found[name] = dict(fit.to_dict(), agreement=float(np.mean(fit.operator_correlations[1:])))
+        return found
 
     def _monitor(self, iteration: int) -> None:
         """Align the current B model onto A and record the gold-standard FSC (reporting only)."""
@@ -225,22 +260,11 @@ class GoldStandardJob:
         map_a, map_b = self.runs["A"].model_map(box), self.runs["B"].model_map(box)
         px = self.particles.pixel_size * self.particles.box / box
         symmetry = self.runs["A"].settings.symmetry  # C1 in an SGD phase before the symmetry is found
-        alignment = align_maps(map_a, map_b, px, xp=self.xp, symmetry=symmetry)
-        curve = fsc(map_a, self._transform(map_b, alignment))
-        entry = {
-            "iteration": iteration,
-            "phase": "sgd",
-            "resolution_0143": resolution_at(curve, 0.143, px),
-            "resolution_05": resolution_at(curve, 0.5, px),
-            "working_resolution": self.runs["A"].schedule.resolution(iteration - 1),
-            "mirrored": alignment.mirrored,
-        }
+        working_resolution = self.runs["A"].schedule.resolution(iteration - 1)
+        entry = monitor_entry(map_a, map_b, px, symmetry, iteration, working_resolution, self._transform, self.xp)
         self.state["history"].append(entry)
         self._add_time("alignment", time.time() - t0)
-        log.info(
-            f"  half maps at iteration {iteration}: GS-FSC 0.143 at {entry['resolution_0143']:.1f} A "
-            f"(B {'mirrored' if alignment.mirrored else 'same hand'}, alignment {time.time() - t0:.1f} s)"
-        )
+        log_monitor(entry, time.time() - t0)
 
     def _pass_phase(self, until: int | None = None) -> None:
         """Full passes from the saved one on; ``until`` stops after that many (for tests)."""
@@ -262,63 +286,137 @@ class GoldStandardJob:
         px = self.particles.pixel_size
         symmetry = self.runs["A"].settings.symmetry
         alignment = align_maps(self.volumes["A"], self.volumes["B"], px, xp=self.xp, symmetry=symmetry)
+        self._move_half_b(alignment)
+        self._add_time("alignment", time.time() - t0)
+        log_alignment(alignment)
+
+    def _move_half_b(self, alignment: Alignment) -> None:
+        """Apply ``alignment`` (B onto A) to half B's map and to every one of its poses."""
         run_b = self.runs["B"]
         self.volumes["B"] = self._transform(self.volumes["B"], alignment)
         run_b.rotations, run_b.origins = apply_to_poses(alignment, run_b.rotations, run_b.origins)
         self.state["alignment"] = alignment.to_dict()
-        self._add_time("alignment", time.time() - t0)
-        log.info(
-            f"aligned half B onto half A: {'mirrored' if alignment.mirrored else 'same hand'}, "
-            f"shift {np.round(alignment.shift, 2).tolist()} px, score {alignment.score:.3f}"
-        )
 
     def _transform(self, volume: np.ndarray, alignment: Alignment) -> np.ndarray:
         """A host map moved by ``alignment`` on the job's device; returned on the host."""
         return to_numpy(transform_map(self.xp.asarray(volume), alignment, memory_limit_bytes=self.memory_limit_bytes))
 
     def _record_pass(self, n: int) -> None:
-        curve = fsc(self.volumes["A"], self.volumes["B"])
-        px = self.particles.pixel_size
-        entry = {
-            "iteration": self.runs["A"].schedule.n_iterations + n + 1,
-            "phase": f"pass {n + 1}",
-            "resolution_0143": resolution_at(curve, 0.143, px),
-            "resolution_05": resolution_at(curve, 0.5, px),
-        }
-        self.state["history"].append(entry)
-        log.info(f"after pass {n + 1}: gold-standard FSC 0.143 at {entry['resolution_0143']:.2f} A")
+        px, n_sgd = self.particles.pixel_size, self.runs["A"].schedule.n_iterations
+        self.state["history"].append(pass_entry(self.volumes["A"], self.volumes["B"], px, n_sgd, n))
 
     # -------------------------------------------------------------------- result
 
     def _result(self) -> JobResult:
-        px = self.particles.pixel_size
-        curve = fsc(self.volumes["A"], self.volumes["B"])
-        n_used = len(self.used)
-        rotations = np.empty((n_used, 3, 3))
-        origins = np.empty((n_used, 2))
-        scale, score, max_probability = np.empty(n_used), np.empty(n_used), np.empty(n_used)
-        for h, name in ((1, "A"), (2, "B")):
-            rows = np.flatnonzero(self.half_set == h)
-            run = self.runs[name]
-            rotations[rows], origins[rows] = run.rotations, run.origins
-            scale[rows], score[rows], max_probability[rows] = run.scale, run.score, run.max_probability
-        return JobResult(
-            maps=dict(self.volumes),
-            fsc=curve,
-            resolution_0143=resolution_at(curve, 0.143, px),
-            resolution_05=resolution_at(curve, 0.5, px),
-            used=self.used,
-            unused=self.unused,
-            half_set=self.half_set,
-            rotations=canonical_poses(rotations, self.settings.abinit.symmetry),  # in the asymmetric unit
-            origins=origins,
-            alignment=Alignment.from_dict(self.state["alignment"]),
-            history=self.state["history"],
-            timings=dict(self.state["timings"]),
-            scale=scale,
-            score=score,
-            max_probability=max_probability,
-        )
+        halves = {name: HalfResult.of_run(run, self.volumes[name]) for name, run in self.runs.items()}
+        return job_result(self, halves, self.state)
+
+
+def job_result(job, halves: dict[str, HalfResult], state: dict) -> JobResult:
+    """The job's result from each half's (``halves`` by name) and the job's ``state`` (alignment, history,
+    timings); ``job`` gives the particles, the settings and the split (``used``, ``unused``, ``half_set``)."""
+    px = job.particles.pixel_size
+    curve = fsc(halves["A"].volume, halves["B"].volume)
+    n_used = len(job.used)
+    rotations = np.empty((n_used, 3, 3))
+    origins = np.empty((n_used, 2))
+    scale, score, max_probability = np.empty(n_used), np.empty(n_used), np.empty(n_used)
+    for h, name in ((1, "A"), (2, "B")):
+        rows = np.flatnonzero(job.half_set == h)
+        half = halves[name]
+        rotations[rows], origins[rows] = half.rotations, half.origins
+        scale[rows], score[rows], max_probability[rows] = half.scale, half.score, half.max_probability
+    return JobResult(
+        maps={name: half.volume for name, half in halves.items()},
+        fsc=curve,
+        resolution_0143=resolution_at(curve, 0.143, px),
+        resolution_05=resolution_at(curve, 0.5, px),
+        used=job.used,
+        unused=job.unused,
+        half_set=job.half_set,
+        rotations=canonical_poses(rotations, job.settings.abinit.symmetry),  # in the asymmetric unit
+        origins=origins,
+        alignment=Alignment.from_dict(state["alignment"]),
+        history=state["history"],
+        timings=dict(state["timings"]),
+        scale=scale,
+        score=score,
+        max_probability=max_probability,
+    )
+
+
+# ------------------------------------------------- what passes between the halves
+
+
+def monitor_entry(
+    map_a: np.ndarray,
+    map_b: np.ndarray,
+    pixel_size_A: float,
+    symmetry: str,
+    iteration: int,
+    working_resolution_A: float,
+    transform,
+    xp=np,
+) -> dict:
+    """The history entry of the SGD monitor: B's model aligned onto A's (both host maps of one box at
+    ``pixel_size_A``) and their gold-standard FSC. ``transform(volume, alignment)`` moves a host map."""
+    alignment = align_maps(map_a, map_b, pixel_size_A, xp=xp, symmetry=symmetry)
+    curve = fsc(map_a, transform(map_b, alignment))
+    return {
+        "iteration": iteration,
+        "phase": "sgd",
+        "resolution_0143": resolution_at(curve, 0.143, pixel_size_A),
+        "resolution_05": resolution_at(curve, 0.5, pixel_size_A),
+        "working_resolution": working_resolution_A,
+        "mirrored": alignment.mirrored,
+    }
+
+
+def log_monitor(entry: dict, seconds: float) -> None:
+    log.info(
+        f"  half maps at iteration {entry['iteration']}: GS-FSC 0.143 at {entry['resolution_0143']:.1f} A "
+        f"(B {'mirrored' if entry['mirrored'] else 'same hand'}, alignment {seconds:.1f} s)"
+    )
+
+
+def log_alignment(alignment: Alignment) -> None:
+    log.info(
+        f"aligned half B onto half A: {'mirrored' if alignment.mirrored else 'same hand'}, "
+        f"shift {np.round(alignment.shift, 2).tolist()} px, score {alignment.score:.3f}"
+    )
+
+
+def pass_entry(volume_a: np.ndarray, volume_b: np.ndarray, pixel_size_A: float, n_sgd: int, n: int) -> dict:
+    """The history entry after full pass ``n`` (0-based; ``n_sgd`` SGD iterations before it): the gold-standard
+    FSC of the half maps (host, B aligned onto A), logged."""
+    curve = fsc(volume_a, volume_b)
+    entry = {
+        "iteration": n_sgd + n + 1,
+        "phase": f"pass {n + 1}",
+        "resolution_0143": resolution_at(curve, 0.143, pixel_size_A),
+        "resolution_05": resolution_at(curve, 0.5, pixel_size_A),
+    }
+    log.info(f"after pass {n + 1}: gold-standard FSC 0.143 at {entry['resolution_0143']:.2f} A")
+    return entry
+
+
+def halves_correlation(map_a: np.ndarray, map_b: np.ndarray, pixel_size_A: float, transform) -> float:
+    """How well two independent C1 maps agree (correlation at 12 A after aligning B onto A): the copies of a map
+    under a true symmetry agree about as well."""
+    return map_correlation(map_a, transform(map_b, align_maps(map_a, map_b, pixel_size_A)), pixel_size_A, 12.0)
+
+
+def symmetry_warning(symmetry: str, agreement: list[float], between: float) -> str | None:
+    """The warning when neither half's C1 map agrees with its copies under ``symmetry`` (``agreement``: the mean
+    correlation of each) as well as the two half maps agree (``between``); None otherwise (one half's SGD may
+    simply have converged less)."""
+    if max(agreement) >= 0.9 * between:
+        return None
+    return (
+        f"the C1 maps of both halves agree with their copies under the {symmetry} operators at most "
+        f"{max(agreement):.2f} (mean correlation at 12 A), less than the two half maps agree ({between:.2f}): "
+        f"the particle may not have {symmetry} symmetry"
+    )
 
 
 def _half_settings(settings: JobSettings, half: int) -> AbinitSettings:

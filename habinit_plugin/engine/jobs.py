@@ -213,11 +213,14 @@ def gold_standard_job(
     overwrite: bool = False,
     image_root: str | None = None,
     restart_changed: bool = False,
+    make_job=GoldStandardJob,
 ) -> dict:
     """Run or resume ``habinit run``; returns run.json's content.
 
     ``restart_changed`` starts over when ``out`` holds the checkpoint of another job (other
-    particles or parameters) instead of refusing it.
+    particles or parameters) instead of refusing it. ``make_job(particles, settings, out, xp=,
+    memory_limit_bytes=)`` builds the job: one process, or the two workers of :mod:`.parallel_halves`
+    (whose single stages return no result: then the job's state is returned, and nothing is written).
     """
     t0 = time.time()
     xp, limit, particles, abinit, warnings = open_job(
@@ -225,7 +228,7 @@ def gold_standard_job(
     )
     settings = replace(settings, abinit=abinit)
     out = Path(out)
-    job = GoldStandardJob(particles, settings, out, xp=xp, memory_limit_bytes=limit)
+    job = make_job(particles, settings, out, xp=xp, memory_limit_bytes=limit)
     ctf = particles.ctf.subset(job.used)
     negative = int(np.sum((ctf.defocus_u < 0) | (ctf.defocus_v < 0)))
     for message in particle_warnings(int(np.sum(job.half_set == 1)), int(np.sum(job.half_set == 2)), negative):
@@ -245,16 +248,18 @@ def gold_standard_job(
             return read_json(out / RUN_JSON)
         log.info(
             f"{len(particles)} particles ({len(job.used)} used, {len(job.unused)} unused), box {particles.box}, "
-            f"{particles.pixel_size:g} A/px, {job.split_how}; device {device_name(xp)}"
+            f"{particles.pixel_size:g} A/px, {job.split_how}; device {job.device}"
         )
         result = job.run()
+        if result is None:
+            return dict(job.state)
         warnings += job.warnings
         info = {
             "command": "run",
             "particles": str(Path(particles_path).resolve()),
             "parameters": asdict(settings),
             "seed": settings.abinit.seed,
-            "device": device_name(xp),
+            "device": job.device,
             "versions": _versions(),
             "split": job.split_how,
             "symmetry": settings.abinit.symmetry,  # of the half maps: run RELION downstream with this --sym

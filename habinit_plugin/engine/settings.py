@@ -222,6 +222,38 @@ class DeviceSettings:
         _check_ranges(self)
 
 
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How ``habinit run`` spreads its two halves over processes (:mod:`.parallel_halves`); no influence on the
+    result."""
+
+    parallel_halves: bool = parameter(
+        False, "run each half set in its own worker process, the CPU cores (or --gpus) shared between them"
+    )
+    gpus: str = parameter(
+        "",
+        "GPU ids for the two half workers, e.g. 0,1: half A on the first half of the list, half B on the rest "
+        "(one id: both on it); implies --parallel-halves and --device gpu",
+    )
+
+    def __post_init__(self):
+        if self.gpus and not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", self.gpus):
+            raise ValueError(f"--gpus must be GPU ids separated by commas (e.g. 0,1), got {self.gpus!r}")
+
+    @property
+    def parallel(self) -> bool:
+        """True when the halves run in two worker processes."""
+        return self.parallel_halves or bool(self.gpus)
+
+    def gpu_lists(self) -> dict[str, str]:
+        """The CUDA_VISIBLE_DEVICES value of each half's worker ({} without --gpus)."""
+        ids = [g.strip() for g in self.gpus.split(",") if g.strip()]
+        if not ids:
+            return {}
+        cut = max(1, len(ids) // 2)
+        return {"A": ",".join(ids[:cut]), "B": ",".join(ids[cut:] or ids)}
+
+
 def _unit_suffix(name: str) -> str:
     return next((suffix for suffix in UNITS if name.endswith(suffix)), "")
 
@@ -275,6 +307,7 @@ __all__ = [
     "QUICK_SCHEDULE",
     "SymmetryError",
     "VALID_SYMMETRIES",
+    "WorkerSettings",
     "symmetry_name",
     "cli_fields",
     "command_words",
