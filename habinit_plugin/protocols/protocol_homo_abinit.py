@@ -13,17 +13,18 @@ from pwem.objects import FSC, SetOfClasses2D, SetOfParticles, Volume
 from pwem.protocols import ProtInitialVolume, ProtRefine3D
 from pyworkflow.constants import PROD
 from pyworkflow.object import String
-from pyworkflow.protocol.constants import STEPS_SERIAL
+from pyworkflow.protocol.constants import STEPS_PARALLEL
 from pyworkflow.protocol.params import GPU_LIST, USE_GPU
 
 from .. import constants as cts
-from ..convert.command import engine_program, engine_run_args
+from ..convert.command import engine_program, engine_run_args, quote_all
 from ..engine import outputs
 from ..engine.settings import (
     MIN_PARTICLES_PER_HALF,
     AbinitSettings,
     DeviceSettings,
     JobSettings,
+    WorkerSettings,
     command_words,
     default_of,
     option_name,
@@ -260,7 +261,7 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.stepsExecutionMode = STEPS_SERIAL
+        self.stepsExecutionMode = STEPS_PARALLEL  # the two halves' steps side by side (with 3+ threads)
 
     # ------------------------------------------------------------------ form
     def _defineParams(self, form):
@@ -306,9 +307,52 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
 
     # ------------------------------------------------------------------ steps
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, self.inputParticles.get().getObjId(), needsGPU=False)
-        self._insertFunctionStep(self.runEngineStep, self._engineArgs(), needsGPU=self.usesGpu())
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        """One step per half set for each of the engine's two phases, which Scipion runs side by side (each with
+        its own GPUs, or as two jobs on a queue), between the coordinator's steps (engine/parallel_halves.py)."""
+        convert = self._insertFunctionStep(self.convertInputStep, self.inputParticles.get().getObjId(), needsGPU=False)
+        prepare = self._insertFunctionStep(
+            self.engineStageStep, self._stageArgs("prepare"), prerequisites=[convert], needsGPU=False
+        )
+        first = [self._insertHalfStep(half, 1, prepare) for half in "AB"]
+        align = self._insertFunctionStep(
+            self.engineStageStep, self._stageArgs("align"), prerequisites=first, needsGPU=False
+        )
+        second = [self._insertHalfStep(half, 2, align) for half in "AB"]
+        finish = self._insertFunctionStep(
+            self.engineStageStep, self._stageArgs("outputs"), prerequisites=second, needsGPU=False
+        )
+        self._insertFunctionStep(self.createOutputStep, prerequisites=[finish], needsGPU=False)
+
+    def _insertHalfStep(self, half: str, phase: int, after: int) -> int:
+        return self._insertFunctionStep(self.halfStep, half, phase, prerequisites=[after], needsGPU=self.usesGpu())
+
+    def engineStageStep(self, args):
+        """The engine's coordinator: prepare the job folder, align half B onto A, or write the outputs.
+        After a failure or a kill, Continue resumes from the engine's checkpoints (finished work is not redone);
+        if the parameters or the input changed, the engine starts over (--restart-changed)."""
+        self.runJob(self._engineProgram(gpus=None), args, numberOfThreads=1, numberOfMpi=1)
+
+    def halfStep(self, half: str, phase: int):
+        """Phase 1 (SGD and the first full pass) or 2 (the other passes) of one half set, on this step's GPUs
+        (those pyworkflow gives the step's thread, or the half's share of the run header's list)."""
+        gpus = None
+        if self.usesGpu():
+            ids = ",".join(str(g) for g in self._stepsExecutor.getGpuList() or self.getGpuList())
+            gpus = WorkerSettings(gpus=ids).gpu_lists()[half].split(",")
+        args = quote_all(["-m", cts.ENGINE_MODULE, "half", "--out", os.path.abspath(self._getExtraPath())])
+        args += " " + quote_all(["--half", half, "--phase", phase])
+        self.runJob(self._engineProgram(gpus=gpus, threads=self._halfThreads()), args, numberOfThreads=1, numberOfMpi=1)
+
+    def _halfThreads(self) -> int:
+        """Each half's share of the run's threads."""
+        return max(1, self.numberOfThreads.get() // 2)
+
+    def _stageArgs(self, stage: str) -> str:
+        """The engine's command for one stage of the two-worker job (the GPUs go to the half steps)."""
+        words = ["--parallel-halves", "--stage", stage]
+        if self.usesGpu():
+            words += ["--gpus", ",".join(str(g) for g in self.getGpuList())]
+        return self._engineArgs() + " " + quote_all(words)
 
     def convertInputStep(self, particlesId):
         from ..convert.particles import write_particles_star
@@ -316,12 +360,6 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         if self._inputIsClasses():
             self._writeClassParticles()
         write_particles_star(self._inputParticleSet(), self._getExtraPath(cts.INPUT_STAR))
-
-    def runEngineStep(self, args):
-        """Run the engine. After a failure or a kill, Continue reruns the same command, which resumes from the
-        engine's checkpoint in the same folder (finished work is not redone). If the parameters or the input
-        changed since the checkpoint was written, the engine sees it and starts over (--restart-changed)."""
-        self.runJob(self._engineProgram(), args, numberOfThreads=1, numberOfMpi=1)
 
     def createOutputStep(self):
         info = self._readRunInfo()
@@ -465,12 +503,15 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
             words=self._engineWords(),
         )
 
-    def _engineProgram(self) -> str:
+    def _engineProgram(self, gpus=(), threads: int | None = None) -> str:
+        """The engine's program part: ``gpus`` the CUDA_VISIBLE_DEVICES ids (default: the run header's first GPU
+        when GPUs are used; None: none), ``threads`` its threads (default: the run's)."""
         plugin = self.getClassPackage().Plugin
-        gpus = self.getGpuList()[:1] if self.usesGpu() else None
+        if gpus == ():
+            gpus = self.getGpuList()[:1] if self.usesGpu() else None
         return engine_program(
             plugin.getEnginePython(),
-            threads=self.numberOfThreads.get(),
+            threads=threads or self.numberOfThreads.get(),
             gpus=gpus,
             activation=plugin.getEnvActivation(),
         )

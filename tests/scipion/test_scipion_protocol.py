@@ -136,8 +136,9 @@ def check_outputs(prot, input_set, n_used_max):
 
 
 def run_killed_then_continued(project, prot, timeout=600):
-    """Launch ``prot``, kill its engine once the engine has written a checkpoint, check that the run failed,
-    then Continue it. Returns the finished protocol and the engine's log of the continued run."""
+    """Launch ``prot``, kill its engine (half A's worker: with 2 threads the half steps run one at a time) once it
+    has written a checkpoint, check that the run failed, then Continue it. Returns the finished protocol and the
+    engine's log of the continued run."""
     import signal
     import time
 
@@ -152,7 +153,7 @@ def run_killed_then_continued(project, prot, timeout=600):
     extra = Path(prot._getExtraPath()).resolve()
     while time.time() < deadline:
         project._updateProtocol(prot)  # status from the run's own database
-        if (extra / "checkpoint" / "state.json").exists() or not prot.isActive():
+        if (extra / "halves" / "A" / "checkpoint" / "state.json").exists() or not prot.isActive():
             break
         time.sleep(0.2)
     assert prot.isActive(), f"the engine finished or failed before it could be killed: {prot.getStatus()}"
@@ -313,7 +314,8 @@ def test_cryosparc_cs_derived_set(project, sim32, tmp_path):
     resumed = re.search(r"resumed from .*\(phase (\w+), iteration (\d+)\)", continued_log)
     assert resumed, continued_log[-3000:]
     iteration = int(resumed.group(2))
-    redone = [int(k) for k in re.findall(r"SGD iteration (\d+)/", continued_log[resumed.end() :])]
+    half_a = continued_log[resumed.end() : continued_log.index("half A: phase 1 done")]  # then half B's step
+    redone = [int(k) for k in re.findall(r"SGD iteration (\d+)/", half_a)]
     assert all(k > iteration for k in redone), (iteration, redone)  # no finished SGD iteration is redone
     assert json.loads(Path(prot._getExtraPath("run.json")).read_text())["resumed"] is True
     check_outputs(prot, input_set, n)
