@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,8 @@ EFFECTS["all"] = {k: v for name, e in EFFECTS.items() for k, v in e.items()}
 # its physical size (128, 192, 256 A), as users' boxes do
 SETS = {effect: (64, 1.5, 5000, effect) for effect in EFFECTS}
 SETS.update({f"box {box}": (box, px, 10000, "none") for box, px in ((64, 2.0), (128, 1.5), (256, 1.0))})
+# small-particle data sets hold 10^5 images and more: the combined set again with four times the images
+SETS["all, 20000 images"] = (64, 1.5, 20000, "all")
 
 
 def dataset(name: str) -> Path:
@@ -128,7 +131,16 @@ def one_run(name: str, seed: int) -> dict:
         "orientation": info.get("orientation", {}),
         "directional": {k: v for k, v in aligned_truth_fsc.items() if k not in ("directions", "resolution_A")},
         "n_used": info["n_used"],
+        "commit": _commit(),
     }
+
+
+def _commit() -> str:
+    """The checkout's commit (with "+" when it has uncommitted changes), to tell runs of different code apart."""
+    here = Path(__file__).parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "../habinit_plugin"], cwd=here).returncode
+    return head.stdout.strip() + ("+" if dirty else "")
 
 
 def half_maps_vs_truth(folder: Path, out: Path) -> dict:
@@ -178,8 +190,8 @@ def table(runs: list[dict]) -> str:
         "| set | seed | GS-FSC 0.143 (A) | full vs truth 0.5 (A) | A vs truth (known poses) "
         "| B vs truth (known poses) | worst half / known (0.5 / 0.143) | same hand | junk AUC | SCF "
         "| directional spread | wall (s) | SGD / passes (s) "
-        "| peak mem (MB) | all checks |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---|",
+        "| peak mem (MB) | all checks | code |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---|---|",
     ]
     for r in runs:
         if "error" in r:
@@ -200,7 +212,7 @@ def table(runs: list[dict]) -> str:
             f"{'yes' if r['same_hand'] else 'NO'} | {auc} | {'-' if scf is None else f'{scf:.2f}'} | "
             f"{'-' if spread is None else f'{spread:.2f}'} | {r['wall_s']:.0f} | "
             f"{t.get('sgd', 0):.0f} / {passes:.0f} | {r['peak_mb']:.0f} | "
-            f"{'yes' if not failed else 'NO: ' + ', '.join(failed)} |"
+            f"{'yes' if not failed else 'NO: ' + ', '.join(failed)} | {r.get('commit', 'before 60d6b4a')} |"
         )
     return "\n".join(lines)
 

@@ -300,3 +300,18 @@ def test_a_map_blurred_along_one_axis_is_worst_along_that_axis(axis):
     res = np.array(report["resolution_A"])
     angles = np.array([_angle_to_axis(d, AXES[axis]) for d in report["directions"]])
     assert res[angles < 30].min() > res[angles > 60].max()  # 4.7 and 3.4 A expected at 30 and 60 deg
+
+
+def test_angular_plot_bins_cover_equal_solid_angles():
+    """Uniform views fill the angular distribution plot evenly, poles included (equal tilt steps left the
+    rows near tilt 0 and 180 nearly empty, which reads as missing top views)."""
+    from habinit_plugin.engine.plots import view_counts
+    from habinit_plugin.engine.so3 import matrix_to_euler, random_rotations
+
+    rot, tilt = matrix_to_euler(random_rotations(40000, np.random.default_rng(4)))[:, :2].T
+    counts, _, tilt_edges = view_counts(rot, tilt)
+    per_tilt_row = counts.sum(axis=0)
+    assert counts.sum() == 40000
+    assert tilt_edges[0] == 0.0 and tilt_edges[-1] == 180.0
+    expected = 40000 / len(per_tilt_row)
+    assert np.all(np.abs(per_tilt_row - expected) < 5 * np.sqrt(expected)), per_tilt_row

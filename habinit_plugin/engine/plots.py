@@ -87,14 +87,26 @@ def draw_history(figure, run_info: dict) -> None:
     ax.set_title(f"Resolution per iteration: {run_info.get('resolution_0143', float('nan')):.2f} A at the end")
 
 
+def view_counts(rot: np.ndarray, tilt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Particles per projection direction on equal-area bins: counts (n_rot, n_tilt), rot edges (n_rot + 1,)
+    and tilt edges (n_tilt + 1,), degrees. The tilt edges are uniform in cos(tilt), so every bin covers the
+    same solid angle and uniform views give flat counts (equal steps in tilt would show the poles empty)."""
+    n_tilt = int(np.clip(np.sqrt(len(rot) / 8.0), 6, 36))  # about 4 particles per bin on average
+    rot_edges = np.linspace(-180.0, 180.0, 2 * n_tilt + 1)
+    tilt_edges = np.degrees(np.arccos(np.linspace(1.0, -1.0, n_tilt + 1)))
+    counts, _, _ = np.histogram2d(rot, np.clip(tilt, 0.0, 180.0), bins=(rot_edges, tilt_edges))
+    return counts, rot_edges, tilt_edges
+
+
 def draw_angular_distribution(figure, rot: np.ndarray, tilt: np.ndarray) -> None:
-    """Projection directions: particle counts over (rot, tilt), degrees."""
+    """Projection directions: particle counts over (rot, tilt), degrees, on bins of equal solid angle."""
     ax = figure.add_subplot(111)
-    n_tilt = int(np.clip(np.sqrt(len(rot) / 8.0), 6, 36))  # about 4 particles per bin on average, 5 to 30 deg
-    counts, _, _, image = ax.hist2d(rot, tilt, bins=(2 * n_tilt, n_tilt), range=((-180, 180), (0, 180)), cmap="viridis")
-    figure.colorbar(image, ax=ax, label="particles")
+    counts, rot_edges, tilt_edges = view_counts(rot, tilt)
+    image = ax.pcolormesh(rot_edges, tilt_edges, counts.T, cmap="viridis")
+    figure.colorbar(image, ax=ax, label="particles per bin (equal solid angle)")
     ax.set_xlabel("rot (degrees)")
     ax.set_ylabel("tilt (degrees)")
+    ax.set_ylim(180, 0)
     ax.set_title(f"Angular distribution of {len(rot)} particles")
 
 
