@@ -161,7 +161,9 @@ FORM_TEXT = {
     ),
     "maskRadius": (
         "Mask radius (A)",
-        "Radius of the soft spherical mask around the particle, in Angstrom. 0 chooses it from the box size.",
+        "Radius of the soft spherical mask around the particle during the SGD, in Angstrom. 0 measures the "
+        "particle in the images (how far from the centre their signal reaches; the log states it) and takes "
+        "about 1.5 times its radius: a mask as large as the box lets a small particle's map grow streaks.",
     ),
     "randomSeed": (
         "Random seed",
