@@ -63,7 +63,7 @@ FORM_TO_SETTINGS = {
 # The form's label and help of each engine parameter; "{default}" is the engine's default.
 FORM_TEXT = {
     "numberOfParticles": (
-        "Number of particles to use",
+        "Number of particles to use (0: all)",
         "How many particles to use, the first ones of the input set (as in cryoSPARC); 0 uses all "
         "of them. The others come out as 'unused particles'. Ab initio does not need every particle, but "
         "the final resolution improves with more.",
@@ -109,7 +109,7 @@ FORM_TEXT = {
         "(large numbers) towards high resolution; starting coarse avoids locking in noise.",
     ),
     "maximumResolution": (
-        "Maximum resolution (A)",
+        "Maximum resolution (A; 0: Nyquist)",
         "Highest resolution used to align particles. 0 means the Nyquist limit (twice the "
         "pixel size). A gold-standard FSC is computed regardless, so this is a cap, not a target.",
     ),
@@ -139,12 +139,12 @@ FORM_TEXT = {
         "very different shapes; values of 1 or more are rarely useful.",
     ),
     "sgdResolution": (
-        "SGD resolution limit (A)",
+        "Resolution where SGD stops (A)",
         "Resolution at which stochastic gradient descent hands over to full passes over all particles "
         "(orientation search on every particle, then a direct reconstruction of each half map).",
     ),
     "numberOfFinalPasses": (
-        "Number of full passes",
+        "Full passes over all particles",
         "Full passes over all particles after SGD; each refines every orientation and rebuilds the half "
         "maps, raising the resolution towards the maximum.",
     ),
@@ -155,12 +155,12 @@ FORM_TEXT = {
         "than the best orientation alone; 'No' makes the local passes about twice as fast.",
     ),
     "minResolution": (
-        "Ignore resolutions lower than (A)",
+        "Ignore resolutions lower than (A; 0: none)",
         "Leave out the lowest frequencies, coarser than this, when orientations are searched (helps "
         "small particles in detergent or lipid); 0 uses everything.",
     ),
     "maskRadius": (
-        "Mask radius (A)",
+        "Mask radius (A; 0: from the images)",
         "Radius of the soft spherical mask around the particle during the SGD, in Angstrom. 0 measures the "
         "particle in the images (how far from the centre their signal reaches; the log states it) and takes "
         "about 1.5 times its radius: a mask as large as the box lets a small particle's map grow streaks.",
@@ -171,12 +171,29 @@ FORM_TEXT = {
         "same data gives the same result; try another seed to check that the map is reproducible.",
     ),
     "gpuMemory": (
-        "GPU memory to use (GB)",
+        "GPU memory to use (GB; 0: all free)",
         "Upper limit for the engine's GPU memory; 0 lets it use what the GPU has free.",
     ),
 }
 BASIC_PARAMS = ("numberOfParticles", "keepSplit", "symmetryGroup", "initialResolution", "maximumResolution")
 INPUT_PARAMS = ("numberOfParticles", "keepSplit", "keepDuplicates", "invertContrast")
+# The Ab initio tab's groups, in the order of cryoSPARC's ab initio job (resolutions, SGD schedule) and then
+# what it adds (the full passes); "quickSchedule" is the form's own switch for the schedule.
+ABINIT_GROUPS = {
+    "Symmetry": ("symmetryGroup", "symmetryAfterSgd"),
+    "Resolution": ("initialResolution", "maximumResolution", "sgdResolution", "minResolution"),
+    "SGD schedule": (
+        "quickSchedule",
+        "numberOfInitialIterations",
+        "numberOfFinalIterations",
+        "initialMinibatchSize",
+        "finalMinibatchSize",
+        "learningRate",
+    ),
+    "Full passes after SGD": ("numberOfFinalPasses", "marginalise"),
+    "Mask and seed": ("maskRadius", "randomSeed"),
+    "Compute": ("gpuMemory",),
+}
 
 
 def _default(form_name: str):
@@ -199,6 +216,19 @@ def _add_engine_param(form, name: str) -> None:
     label, text = FORM_TEXT[name]
     level = params.LEVEL_NORMAL if name in BASIC_PARAMS else params.LEVEL_ADVANCED
     form.addParam(name, kind, default=default, expertLevel=level, label=label, help=text.format(default=default))
+
+
+def _add_quick_schedule(form) -> None:
+    form.addParam(
+        "quickSchedule",
+        params.BooleanParam,
+        default=False,
+        expertLevel=params.LEVEL_NORMAL,
+        label="Quick test run?",
+        help="Use a very short schedule (few iterations and small minibatches, which replaces the "
+        "numbers of iterations and minibatch sizes below) to check a workflow in minutes. The map "
+        "will be poor: never use it for real results.",
+    )
 
 
 MRC_EXTENSIONS = (".mrc", ".mrcs", ".st", ".map")
@@ -292,19 +322,13 @@ class ProtHabinitHomoAbinitRefine(ProtInitialVolume, ProtRefine3D):
         for name in INPUT_PARAMS:
             _add_engine_param(form, name)
         form.addSection(label="Ab initio")
-        for name in FORM_TEXT:
-            if name not in INPUT_PARAMS:
-                _add_engine_param(form, name)
-        form.addParam(
-            "quickSchedule",
-            params.BooleanParam,
-            default=False,
-            expertLevel=params.LEVEL_NORMAL,
-            label="Quick test run?",
-            help="Use a very short schedule (few iterations and small minibatches, which replaces the "
-            "numbers of iterations and minibatch sizes above) to check a workflow in minutes. The map "
-            "will be poor: never use it for real results.",
-        )
+        for label, names in ABINIT_GROUPS.items():
+            group = form.addGroup(label)
+            for name in names:
+                if name == "quickSchedule":
+                    _add_quick_schedule(group)
+                else:
+                    _add_engine_param(group, name)
         form.addParallelSection(threads=default_threads(), mpi=0)
 
     # ------------------------------------------------------------------ steps

@@ -260,10 +260,10 @@ def test_validate_uses_the_engine_ranges_in_the_form_words(project, sim32):
 
     assert errors() == []
     assert errors(learningRate=-1.0) == ["'Initial learning rate' must be greater than 0, got -1."]
-    assert "'Number of particles to use' must be at least 0" in errors(numberOfParticles=-5)[0]
-    assert "'Number of full passes' must be at least 1" in errors(numberOfFinalPasses=0)[0]
+    assert "'Number of particles to use (0: all)' must be at least 0" in errors(numberOfParticles=-5)[0]
+    assert "'Full passes over all particles' must be at least 1" in errors(numberOfFinalPasses=0)[0]
     assert (
-        "'Maximum resolution (A)' 20 A is coarser than 'Initial resolution (A)' 10 A"
+        "'Maximum resolution (A; 0: Nyquist)' 20 A is coarser than 'Initial resolution (A)' 10 A"
         in errors(initialResolution=10.0, maximumResolution=20.0)[0]
     )
     assert errors(symmetryGroup="d7") == []
