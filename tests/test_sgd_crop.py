@@ -6,6 +6,9 @@ itself fills its box and is not cropped.
 
 from __future__ import annotations
 
+import json
+
+import mrcfile
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
@@ -216,3 +219,25 @@ def test_habinit_abinit_on_a_cropped_set_writes_maps_at_the_input_box(padded_set
     for path in saved:
         volume, px = read_map(path)
         assert volume.shape == (PADDED_BOX,) * 3 and px == pytest.approx(TINY_PIXEL_SIZE)
+
+
+def test_two_workers_on_a_cropped_set_give_the_one_process_result_bit_for_bit(padded_set, tmp_path):
+    """The two-worker job crops as the one-process job does: the same half maps, particles and alignment bit for
+    bit, the same GS-FSC history to 1%."""
+    from test_parallel_halves import _args, _run
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _run(_args(padded_set["particles"], one)).returncode == 0
+    r = _run(_args(padded_set["particles"], two, "--parallel-halves"))
+    assert r.returncode == 0, r.stderr
+    for name in ("half_map_A.mrc", "half_map_B.mrc"):
+        with mrcfile.open(two / name) as a, mrcfile.open(one / name) as b:
+            assert np.array_equal(a.data, b.data), name
+    assert (two / "particles.star").read_bytes() == (one / "particles.star").read_bytes()
+    info, ref = (json.loads((folder / "run.json").read_text()) for folder in (two, one))
+    assert info["alignment_B_to_A"] == ref["alignment_B_to_A"] and len(info["history"]) == len(ref["history"]) == 5
+    # the SGD monitor's GS-FSC agrees to 1% only (14.137 against 14.157 A at iteration 6): not yet explained
+    for mine, theirs in zip(info["history"], ref["history"]):
+        assert mine["resolution_0143"] == pytest.approx(theirs["resolution_0143"], rel=0.01)
+    with mrcfile.open(two / "half_map_A.mrc") as mrc:
+        assert mrc.data.shape == (PADDED_BOX,) * 3
