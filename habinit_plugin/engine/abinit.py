@@ -25,15 +25,16 @@ import numpy as np
 
 from . import stop
 from .backend import to_numpy
-from .fourier import half_plane_frequencies, hermitian_weights, resample_volume
+from .fourier import half_plane_frequencies, hermitian_weights, pad_volume, resample_volume
 from .geometry import MapGeometry
 from .gpu_budget import candidate_bytes
 from .minibatch import ImageBatch, image_batch, image_spectra
 from .particle_fit import fit_best_pose, normalised_scales
+from .particle_set import CroppedParticles
 from .particle_size import MASK_PER_R50, particle_r50_px
 from .particle_size import sample_rows as particle_size_sample
 from .pose_search import global_search
-from .projector import backproject, grid_to_volume, gridding_profile, slice_coordinates
+from .projector import backproject, grid_to_volume, gridding_profile, slice_coordinates, volume_to_grid
 from .reconstruct import regularisation
 from .search_policy import global_settings
 from .settings import AbinitSettings, option_name
@@ -85,7 +86,7 @@ class AbinitRun:
     """
 
     def __init__(self, particles, settings: AbinitSettings, xp=np, memory_limit_bytes: int | None = None):
-        self.particles = particles
+        self.input_particles = particles  # the particles at the input box (the SGD may crop them: particles)
         self.symmetry = settings.symmetry  # the point group the map ends with
         # Imposed from a random start, a symmetric SGD locks into a wrong symmetric shape (an O shell: 3/3
         # seeds, 65 A from the truth); from a C1 start of a quarter of the initial iterations it converges.
@@ -96,12 +97,17 @@ class AbinitRun:
         self.xp = xp
         self.memory_limit_bytes = memory_limit_bytes
         self.n = len(particles)
-        self.geometry = MapGeometry(particles.box, particles.pixel_size, settings, self._measured_r50_px())
+        g = MapGeometry(particles.box, particles.pixel_size, settings, self._measured_r50_px())
         self.rng = np.random.default_rng(settings.seed)
-        g = self.geometry
         self.schedule = Schedule(settings, max(g.sgd_resolution_A, g.nyquist_resolution_A))
-        self.freqs = half_plane_frequencies(g.r_limit)
-        self.radii = np.hypot(self.freqs[:, 0], self.freqs[:, 1])
+        self._use_geometry(g.cropped(g.crop_box))
+        if self.cropped:
+            px = g.pixel_size_A
+            log.info(
+                f"SGD on images cropped in real space to {g.crop_box} px ({g.crop_box * px:.0f} A: the window of "
+                f"{g.mask_radius_px * px:.0f} A moved by up to {g.max_shift_px * px:.0f} A); full passes at the "
+                f"input box of {particles.box} px"
+            )
         self.rotations = np.tile(np.eye(3), (self.n, 1, 1))
         self.origins = np.zeros((self.n, 2))
         self.seen = np.zeros(self.n, dtype=bool)
@@ -116,6 +122,38 @@ class AbinitRun:
         self.grid = None
         self.weight_ema = None
 
+    def _use_geometry(self, geometry: MapGeometry) -> None:
+        """Images, frequencies and geometry of the box ``geometry.box``: the input's or a real-space crop of it."""
+        full = self.input_particles
+        self.particles = full if geometry.box == full.box else CroppedParticles(full, geometry.box)
+        self.geometry = geometry
+        self.freqs = half_plane_frequencies(geometry.r_limit)
+        self.radii = np.hypot(self.freqs[:, 0], self.freqs[:, 1])
+
+    @property
+    def cropped(self) -> bool:
+        """True while the run works on images cropped in real space (the SGD phase of a particle smaller than the
+        box), False on the input box."""
+        return self.geometry.box != self.input_particles.box
+
+    def use_full_box(self) -> None:
+        """The hand-over from the SGD to the full passes: the run moves to the input box (images, frequencies,
+        geometry, noise model) with the model zero-padded around the centre; :meth:`model_map` is unchanged
+        (up to the model's band: frequencies beyond :attr:`band_box` of the padded map are dropped). Nothing
+        happens on the input box."""
+        if not self.cropped:
+            return
+        crop, full = self.geometry.box, self.input_particles.box
+        volume = None if self.grid is None else self.model_map(self.band_box)
+        self._use_geometry(self.geometry.uncropped())
+        if self.noise is not None:
+            self.noise = self.noise.resampled(crop, full)
+        if volume is not None:
+            n_work = volume.shape[0]
+            # model_map's convention inverted: the grid holds Fourier sums over the input box
+            grid = volume_to_grid(self.xp.asarray(volume), self.settings.oversampling) * (full / n_work) ** 3
+            self.grid, self.weight_ema = grid.astype(self.xp.complex64), None  # no SGD step on the input box
+
     @property
     def device_bytes(self) -> float:
         """Device memory for one chunk of candidate projections in the pose search."""
@@ -128,8 +166,8 @@ class AbinitRun:
         s = self.settings
         if s.mask_radius_A is not None and s.max_shift_A is not None:
             return None
-        r50 = particle_r50_px(self.particles, particle_size_sample(self.n, s.seed))
-        px, box = self.particles.pixel_size, self.particles.box
+        r50 = particle_r50_px(self.input_particles, particle_size_sample(self.n, s.seed))
+        px, box = self.input_particles.pixel_size, self.input_particles.box
         if r50 is None:
             log.info("particle size: no excess variance over the background found; window 0.45 box")
         else:
@@ -309,17 +347,30 @@ class AbinitRun:
 
     @property
     def working_box(self) -> int:
-        """Box (pixels) of the model's current working grid: its band at the pixel size of that box."""
+        """Box (pixels) of the model's current working grid: its band at the pixel size of that box, over the
+        extent of the run's box (the crop while the run is :attr:`cropped`)."""
         return self.grid.shape[0] // self.settings.oversampling
 
+    @property
+    def band_box(self) -> int:
+        """The smallest even box over the input box's extent that holds the model's band: :attr:`working_box`
+        on the input box, else scaled by input box / crop (at most the input box)."""
+        crop, full = self.geometry.box, self.input_particles.box
+        if crop == full:
+            return self.working_box
+        return min(full, 2 * math.ceil(self.working_box * full / (2 * crop)))
+
     def model_map(self, box: int | None = None) -> np.ndarray:
-        """The current model as a real-space map (host float32) at the full box, or Fourier-cropped to ``box``
-        (at least :attr:`working_box`: nothing of the model is lost)."""
-        full, n_work = self.geometry.box, self.working_box
+        """The current model as a real-space map (host float32) over the input box, or Fourier-cropped to
+        ``box`` (at least :attr:`band_box`: nothing of the model is lost); while the run is :attr:`cropped`,
+        the crop's map zero-padded around the centre."""
+        crop, full, n_work = self.geometry.box, self.input_particles.box, self.working_box
         plain = grid_to_volume(self.grid, n_work, gridding_correction=False)
-        # the grid holds Fourier sums over the full box: an inverse FFT over the working box
+        # the grid holds Fourier sums over the run's box: an inverse FFT over the working box
         # scales densities by (box / n_work)^3
-        volume = plain * gridding_profile(n_work, self.grid.shape[0], self.xp) * (n_work / full) ** 3
+        volume = plain * gridding_profile(n_work, self.grid.shape[0], self.xp) * (n_work / crop) ** 3
+        if crop != full:
+            volume = pad_volume(resample_volume(volume, crop), full)
         return to_numpy(resample_volume(volume, box or full))
 
     # ---------------------------------------------------------------- checkpoints
@@ -339,8 +390,10 @@ class AbinitRun:
             arrays["noise_sigma2"] = self.noise.sigma2
         if self.grid is not None:
             arrays["grid"] = to_numpy(self.grid)
+        if self.weight_ema is not None:
             arrays["weight_ema"] = to_numpy(self.weight_ema)
         meta = {
+            "box": self.geometry.box,  # the crop in the SGD phase, the input box after the hand-over
             "iteration": self.iteration,
             "symmetry": self.settings.symmetry,
             "rng": self.rng.bit_generator.state,
@@ -349,8 +402,13 @@ class AbinitRun:
         return arrays, meta
 
     def set_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        """Restore a state written by :meth:`get_state`."""
+        """Restore a state written by :meth:`get_state` (on the box it was saved on: the crop or the input's)."""
         xp = self.xp
+        box = int(meta.get("box", self.input_particles.box))  # states before the crop: the input box
+        if box == self.input_particles.box:
+            self._use_geometry(self.geometry.uncropped())
+        elif box != self.geometry.box:
+            raise ValueError(f"the saved SGD state is on a box of {box} px, this run crops to {self.geometry.box} px")
         self.rotations = np.array(arrays["rotations"])
         self.origins = np.array(arrays["origins"])
         self.seen = np.array(arrays["seen"])
@@ -361,6 +419,7 @@ class AbinitRun:
         self.noise = NoiseModel(np.array(arrays["noise_sigma2"])) if "noise_sigma2" in arrays else None
         if "grid" in arrays:
             self.grid = xp.asarray(arrays["grid"])
+        if "weight_ema" in arrays:
             self.weight_ema = xp.asarray(arrays["weight_ema"])
         self.iteration = int(meta["iteration"])
         if meta.get("symmetry", self.settings.symmetry) != self.settings.symmetry:

@@ -163,6 +163,17 @@ def resample_volume(volume, new_box: int):
     return (centered_ifftn(out).real * scale).astype(xp.float32)
 
 
+def pad_volume(volume, new_box: int):
+    """Zero-pad a real map (n, n, n) in real space to (new_box,)*3 around the centre (voxel n//2 lands on
+    new_box//2; same pixel size, densities unchanged). n and new_box even, n <= new_box."""
+    xp = array_module(volume)
+    box = volume.shape[0]
+    out = xp.zeros((new_box,) * 3, dtype=volume.dtype)
+    lo = new_box // 2 - box // 2
+    out[lo : lo + box, lo : lo + box, lo : lo + box] = volume
+    return out
+
+
 def soft_sphere(box: int, radius: float, width: float = 3.0, xp=np, ndim: int = 3):
     """Real-space mask: 1 inside ``radius`` pixels, raised-cosine edge ``width`` wide."""
     grids = xp.meshgrid(*[xp.arange(box, dtype=xp.float32) - box // 2] * ndim, indexing="ij")

@@ -255,8 +255,10 @@ class GoldStandardJob:
     def _monitor(self, iteration: int) -> None:
         """Align the current B model onto A and record the gold-standard FSC (reporting only)."""
         t0 = time.time()
-        # the models are band-limited: compared on their working box, exactly, at a fraction of the cost
-        box = max(run.working_box for run in self.runs.values())
+        # the models are band-limited: compared on the box that holds their band over the input box's extent
+        # (each half's SGD crop comes from its own images: both padded to the input box), exactly, at a fraction
+        # of the cost
+        box = max(run.band_box for run in self.runs.values())
         map_a, map_b = self.runs["A"].model_map(box), self.runs["B"].model_map(box)
         px = self.particles.pixel_size * self.particles.box / box
         symmetry = self.runs["A"].settings.symmetry  # C1 in an SGD phase before the symmetry is found

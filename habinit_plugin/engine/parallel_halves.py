@@ -199,10 +199,10 @@ class HalfWorker(GoldStandardJob):
 
     def _monitor(self, iteration: int) -> None:
         run = self.half_run
-        px = self.particles.pixel_size * self.particles.box / run.working_box
+        px = self.particles.pixel_size * self.particles.box / run.band_box
         _save_npz(
             self.folder / snapshot_name(iteration),
-            map=run.model_map(run.working_box),
+            map=run.model_map(run.band_box),
             pixel_size_A=px,
             symmetry=run.settings.symmetry,
             working_resolution_A=run.schedule.resolution(iteration - 1),

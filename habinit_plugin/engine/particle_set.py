@@ -113,3 +113,38 @@ class ParticleSet:
     def image_bytes(self) -> int:
         """Bytes of the particles' images as float32."""
         return 4 * len(self) * self.box * self.box
+
+
+class CroppedParticles:
+    """A view of a :class:`ParticleSet` whose images are cropped in real space to their central ``box`` pixels.
+
+    Same pixel size, CTF and metadata (every attribute but ``box`` and :meth:`read_images` is the set's);
+    the crop starts at pixel ``set.box // 2 - box // 2`` so the box centre ``set.box // 2`` lands on
+    ``box // 2`` and RELION origins in pixels keep their values. ``box`` and the set's box are even.
+    """
+
+    def __init__(self, particles: ParticleSet, box: int):
+        if box % 2 or particles.box % 2 or not 0 < box <= particles.box:
+            raise ValueError(f"cannot crop {particles.source}'s box {particles.box} to {box}: both even, crop <= box")
+        self.full = particles
+        self.box = box
+
+    def __len__(self) -> int:
+        return len(self.full)
+
+    def __getattr__(self, name: str):
+        if name == "full":  # not set yet (a copy being built)
+            raise AttributeError(name)
+        return getattr(self.full, name)
+
+    def read_images(self, index) -> np.ndarray:
+        """Images of particles ``index`` as float32 (B, box, box): the central crop of the set's images (after
+        its normalisation)."""
+        lo = self.full.box // 2 - self.box // 2
+        images = self.full.read_images(index)
+        return np.ascontiguousarray(images[:, lo : lo + self.box, lo : lo + self.box])
+
+    @property
+    def image_bytes(self) -> int:
+        """Bytes of the cropped images as float32."""
+        return 4 * len(self) * self.box * self.box

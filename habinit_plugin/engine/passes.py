@@ -227,6 +227,7 @@ def run_passes(
         n = state["pass"]
         for name, run in runs.items():
             t0 = time.time()
+            run.use_full_box()  # the SGD's model and noise model, from its real-space crop to the input box
             radius = run.geometry.radius(run.geometry.sgd_resolution_A)
             if n > 0:
                 radius = next_radius(run.geometry, bands[name], resolutions[name])

@@ -144,6 +144,15 @@ class NoiseModel:
         seen = power > 0
         self.sigma2[seen] = decay * self.sigma2[seen] + (1.0 - decay) * power[seen]
 
+    def resampled(self, from_box: int, to_box: int) -> NoiseModel:
+        """The model for images of ``to_box`` pixels (same pixel size, the same stationary noise) from this one
+        of ``from_box``: shell r of ``to_box`` is at the physical frequency of shell r * from_box / to_box
+        (linear interpolation, the last shell beyond), and a coefficient's variance scales as box^2 (the
+        unnormalised FFT of :func:`.fourier.image_rfft`: white noise of pixel variance v gives box^2 v)."""
+        shells = np.arange(to_box // 2 + 1) * (from_box / to_box)
+        sigma2 = np.interp(shells, np.arange(len(self.sigma2)), self.sigma2)
+        return NoiseModel(sigma2 * (to_box / from_box) ** 2)
+
     def per_frequency(self, radii: np.ndarray) -> np.ndarray:
         """Noise variance at each frequency of radius ``radii``, (M,) float32."""
         shells = np.minimum(np.rint(radii).astype(np.int64), len(self.sigma2) - 1)
