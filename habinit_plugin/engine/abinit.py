@@ -31,7 +31,7 @@ from .gpu_budget import candidate_bytes
 from .minibatch import ImageBatch, image_batch, image_spectra
 from .particle_fit import fit_best_pose, normalised_scales
 from .particle_set import CroppedParticles
-from .particle_size import MASK_PER_R50, particle_r50_px
+from .particle_size import particle_r50_px
 from .particle_size import sample_rows as particle_size_sample
 from .pose_search import global_search
 from .projector import backproject, grid_to_volume, gridding_profile, slice_coordinates, volume_to_grid
@@ -98,6 +98,12 @@ class AbinitRun:
         self.memory_limit_bytes = memory_limit_bytes
         self.n = len(particles)
         g = MapGeometry(particles.box, particles.pixel_size, settings, self._measured_r50_px())
+        if g.particle_r50_px is not None:
+            log.info(
+                f"particle size: half the signal variance within {g.particle_r50_px * g.pixel_size_A:.0f} A of the "
+                f"centre; SGD window radius {g.mask_radius_px * g.pixel_size_A:.0f} A "
+                f"({option_name('mask_radius_A')} sets it)"
+            )
         self.rng = np.random.default_rng(settings.seed)
         self.schedule = Schedule(settings, max(g.sgd_resolution_A, g.nyquist_resolution_A))
         self._use_geometry(g.cropped(g.crop_box))
@@ -162,20 +168,14 @@ class AbinitRun:
     # --------------------------------------------------------------- data access
 
     def _measured_r50_px(self) -> float | None:
-        """The particles' R50 (pixels) from a sample of their images, where the window radius is not set."""
+        """The particles' R50 (pixels) from a sample of their images, where the window radius is not set (only
+        the default window uses it; the default shift follows the window)."""
         s = self.settings
-        if s.mask_radius_A is not None and s.max_shift_A is not None:
+        if s.mask_radius_A is not None:
             return None
         r50 = particle_r50_px(self.input_particles, particle_size_sample(self.n, s.seed))
-        px, box = self.input_particles.pixel_size, self.input_particles.box
         if r50 is None:
             log.info("particle size: no excess variance over the background found; window 0.45 box")
-        else:
-            window = min(0.45 * box, MASK_PER_R50 * r50)
-            log.info(
-                f"particle size: half the signal variance within {r50 * px:.0f} A of the centre; SGD window radius "
-                f"{window * px:.0f} A ({option_name('mask_radius_A')} sets it)"
-            )
         return r50
 
     def _ensure_noise(self) -> None:
