@@ -124,8 +124,8 @@ class AbinitSettings:
     seed: int = parameter(0, "random seed (half-set split, starting maps, minibatches)", minimum=0)
     mask_radius_A: float | None = parameter(
         None,
-        "radius of the SGD's spherical window (default: 2.5 times the radius holding half of the particles' signal "
-        "variance in the images, about 1.5 times the particle's radius; at most 0.45 box)",
+        "radius of the SGD's spherical window (default: 2.2 times the radius holding half of the particles' signal "
+        "variance in the images, about 1.3 times the particle's radius; at most 0.45 box)",
         above=0,
     )
     max_shift_A: float | None = parameter(
@@ -154,7 +154,7 @@ class AbinitSettings:
     n_final_passes: int = parameter(2, "full passes over all particles after SGD", minimum=1)
     marginalise: bool = parameter(
         True,
-        "marginalisation: each particle inserted at its probable poses in the local passes (off: at its best "
+        "marginalisation: each particle inserted at its probable poses from the second full pass on (off: at its best "
         "pose, faster, lower resolution at low SNR)",
     )
     preconditioner: bool = parameter(True, "the preconditioned SGD step (off: a plain step, for comparison)")

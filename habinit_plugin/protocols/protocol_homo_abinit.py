@@ -146,13 +146,15 @@ FORM_TEXT = {
     "numberOfFinalPasses": (
         "Full passes over all particles",
         "Full passes over all particles after SGD; each refines every orientation and rebuilds the half "
-        "maps, raising the resolution towards the maximum.",
+        "maps, raising the resolution towards the maximum. The first two search all orientations (the "
+        "second at the resolution the first reached, which corrects the particles the SGD's map misled); "
+        "the next ones search around each particle's orientation.",
     ),
     "marginalise": (
         "Marginalise over orientations",
-        "In the local passes, insert every particle at its most probable orientations and shifts around the "
+        "From the second full pass on, insert every particle at its most probable orientations and shifts around the "
         "best one, weighted by their probabilities, as RELION does. At low SNR this gives a markedly better map "
-        "than the best orientation alone; 'No' makes the local passes about twice as fast.",
+        "than the best orientation alone; 'No' makes those passes about twice as fast.",
     ),
     "minResolution": (
         "Ignore resolutions lower than (A; 0: none)",
@@ -163,7 +165,7 @@ FORM_TEXT = {
         "Mask radius (A; 0: from the images)",
         "Radius of the soft spherical mask around the particle during the SGD, in Angstrom. 0 measures the "
         "particle in the images (how far from the centre their signal reaches; the log states it) and takes "
-        "about 1.5 times its radius: a mask as large as the box lets a small particle's map grow streaks.",
+        "about 1.3 times its radius: a mask as large as the box lets a small particle's map grow streaks.",
     ),
     "randomSeed": (
         "Random seed",
