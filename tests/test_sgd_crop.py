@@ -1,6 +1,6 @@
 """The SGD on images cropped in real space to the particle: crop size, exactness, hand-over, job mechanics.
 
-The padded set is the tiny set's particle in a box of 48 (the SGD crops it to 40 px); the tiny set
+The padded set is the tiny set's particle in a box of 48 (the SGD crops it to 36 px); the tiny set
 itself fills its box and is not cropped.
 """
 
@@ -62,12 +62,12 @@ class _StopsAt(GoldStandardJob):
 
 
 def test_the_job_crops_for_the_sgd_and_resumes_bit_for_bit_in_either_phase(padded_set, tmp_path):
-    """Both halves run the SGD on a 40-px crop and the passes on the input box; the monitor compares their
+    """Both halves run the SGD on a 36-px crop and the passes on the input box; the monitor compares their
     models; a job stopped in the SGD (cropped), before pass 1 (cropped) or after it (input box) resumes to the
     uninterrupted job's half maps bit for bit."""
     particles = load_particles(padded_set["particles"])
     alone = GoldStandardJob(particles, _settings(), tmp_path / "alone")
-    assert {run.geometry.box for run in alone.runs.values()} == {40}
+    assert {run.geometry.box for run in alone.runs.values()} == {36}
     alone._sgd_phase()
     assert all(run.cropped and run.model_map().shape == (PADDED_BOX,) * 3 for run in alone.runs.values())
     assert [e["iteration"] for e in alone.state["history"]] == [6, 12, 16]
@@ -98,9 +98,9 @@ def test_the_job_crops_for_the_sgd_and_resumes_bit_for_bit_in_either_phase(padde
 
 
 def test_the_crop_holds_the_window_moved_by_the_max_shift_and_keeps_both():
-    """PR LBD's R50 of 21 A: a crop of 100 px at 1.5 A/px and 150 px at 1 A/px, with the input box's window and
+    """PR LBD's R50 of 21 A: a crop of 90 px at 1.5 A/px and 144 px at 1 A/px, with the input box's window and
     max shift; at 2 A/px the window moved by the shift needs more than the box of 64: no crop."""
-    for box, px, crop in ((128, 1.5, 100), (256, 1.0, 150), (64, 2.0, 64)):
+    for box, px, crop in ((128, 1.5, 90), (256, 1.0, 144), (64, 2.0, 64)):
         g = MapGeometry(box, px, AbinitSettings(), 21.0 / px)
         c = g.cropped(g.crop_box)
         assert g.crop_box == crop
@@ -190,16 +190,16 @@ def _chi2(grid, batch, rotations, origins) -> np.ndarray:
 
 
 def test_the_hand_over_pads_the_model_and_moves_the_noise_model(padded_set):
-    """After a few SGD steps on the 40-px crop, use_full_box puts the run on the box of 48: the model map is the
+    """After a few SGD steps on the 36-px crop, use_full_box puts the run on the box of 48: the model map is the
     crop's map zero-padded (the same to float rounding on the model's band), the noise model the crop's moved
     to the input box; a second call does nothing. On the tiny set (particle fills the box) there is no crop."""
     particles = load_particles(padded_set["particles"])
     run = AbinitRun(particles, AbinitSettings(**TINY))
     for _ in range(3):
         run.step()
-    assert run.cropped and run.particles.box == 40 and run.model_map().shape == (PADDED_BOX,) * 3
+    assert run.cropped and run.particles.box == 36 and run.model_map().shape == (PADDED_BOX,) * 3
     band_box = run.band_box
-    before, noise = run.model_map(band_box), NoiseModel(run.noise.sigma2.copy()).resampled(40, PADDED_BOX)
+    before, noise = run.model_map(band_box), NoiseModel(run.noise.sigma2.copy()).resampled(36, PADDED_BOX)
     crop_map = grid_to_volume(run.grid, run.working_box, gridding_correction=False)
     run.use_full_box()
     assert not run.cropped and run.particles is particles and len(run.noise.sigma2) == PADDED_BOX // 2 + 1
