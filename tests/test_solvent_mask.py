@@ -166,7 +166,9 @@ def test_job_writes_the_mask_and_both_curves(tiny_set, tmp_path, caplog):
 
 
 def _compare_with_relion_postprocess(out, masked_A: float) -> None:
-    """relion_postprocess with our mask.mrc on our half maps: its corrected resolution within 10% of ours."""
+    """relion_postprocess with our mask.mrc on our half maps: its corrected resolution within one Fourier shell of
+    ours (RELION gives a shell's resolution, ours is interpolated between the shells around 0.143: at box 32,
+    3.6 A/px the shells are 10-15% apart here)."""
     if shutil.which("relion_postprocess") is None:
         pytest.skip("relion_postprocess is not on PATH (apt-get install relion): the RELION comparison is skipped")
     args = ["--i", "half_map_A.mrc", "--i2", "half_map_B.mrc", "--mask", outputs.MASK, "--angpix", str(TINY_PIXEL_SIZE)]
@@ -177,4 +179,6 @@ def _compare_with_relion_postprocess(out, masked_A: float) -> None:
     assert general is not None, r.stdout + r.stderr
     relion_A = float(general.floats("rlnFinalResolution")[0])
     print(f"relion_postprocess with mask.mrc: {relion_A:.2f} A; ours {masked_A:.2f} A")
-    assert relion_A == pytest.approx(masked_A, rel=0.1)
+    with mrcfile.open(out / "half_map_A.mrc") as mrc:
+        shell = 1.0 / (mrc.data.shape[0] * TINY_PIXEL_SIZE)  # 1/A
+    assert abs(1.0 / relion_A - 1.0 / masked_A) <= shell, (relion_A, masked_A)
