@@ -4,19 +4,22 @@ insertion, and resuming between passes."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fixtures import TINY
 from habinit_plugin.engine.abinit import AbinitRun, run_sgd
 from habinit_plugin.engine.fourier import half_plane_frequencies, hermitian_weights
+from habinit_plugin.engine.geometry import MapGeometry
 from habinit_plugin.engine.gold_standard import GoldStandardJob
 from habinit_plugin.engine.minibatch import ImageBatch
+from habinit_plugin.engine.mrc import read_map
 from habinit_plugin.engine.particles import load_particles
-from habinit_plugin.engine.passes import _insert, full_pass, internal_halves
+from habinit_plugin.engine.passes import GLOBAL_PASSES, _insert, full_pass, internal_halves, pass_radius
 from habinit_plugin.engine.pose_search import SearchResult
 from habinit_plugin.engine.reconstruct import Backprojection
 from habinit_plugin.engine.settings import AbinitSettings, JobSettings
 from habinit_plugin.engine.sgd import NoiseModel
-from habinit_plugin.engine.so3 import random_rotations
+from habinit_plugin.engine.so3 import geodesic_distance, random_rotations, rotvec_to_matrix
 
 
 def test_internal_halves_see_only_their_own_reference(tiny_set):
@@ -74,3 +77,36 @@ def test_resume_between_passes_gives_the_same_maps(tiny_set, tmp_path):
     result = resumed.run()
     for name in ("A", "B"):
         assert np.array_equal(result.maps[name], whole.maps[name])
+
+
+def test_a_global_pass_moves_the_poses_a_local_pass_cannot_reach(tiny_set):
+    """Against the true map, from the true poses with a third of them turned by 90 degrees: a local
+    pass leaves those far off, a global pass (the second pass of the jobs) brings them back."""
+    particles = load_particles(tiny_set["particles"])
+    truth_poses = load_particles(tiny_set["gt_poses"])
+    truth, _ = read_map(tiny_set["gt_map"])
+    wrong = np.arange(len(particles)) % 3 == 0
+    turn = rotvec_to_matrix(np.array([[0.0, np.pi / 2, 0.0]]))[0]
+    errors = {}
+    for local in (True, False):
+        run = AbinitRun(particles, AbinitSettings(**TINY))
+        run.rotations = truth_poses.rotations.copy()
+        run.rotations[wrong] = truth_poses.rotations[wrong] @ turn
+        run.origins = truth_poses.shifts.copy()
+        result = full_pass(run, truth, run.geometry.radius(12.0), local=local, marginalise=True)
+        errors[local] = geodesic_distance(result.rotations, truth_poses.rotations)
+    assert np.mean(errors[True][wrong] > 30.0) > 0.8, np.median(errors[True][wrong])
+    assert np.mean(errors[False][wrong] < 15.0) > 0.8, np.median(errors[False][wrong])
+    assert np.median(errors[False][~wrong]) < 10.0
+
+
+def test_the_second_pass_is_global_at_most_at_0_6_of_the_sgd_resolution():
+    """Pass 1 searches at the SGD's resolution (10 A); pass 2 (global) at the resolution pass 1 reached but no finer
+    than 6 A; pass 3 (local) at the resolution pass 2 reached."""
+    geometry = MapGeometry(256, 1.0, AbinitSettings())
+    assert geometry.resolution_A(pass_radius(geometry, 0, None, None)) == pytest.approx(10.0)
+    first = geometry.radius(10.0)
+    assert geometry.resolution_A(pass_radius(geometry, 1, first, 8.0)) == pytest.approx(8.0)
+    assert geometry.resolution_A(pass_radius(geometry, 1, first, 4.0)) == pytest.approx(6.0)
+    assert geometry.resolution_A(pass_radius(geometry, 2, geometry.radius(6.0), 4.0)) == pytest.approx(4.0)
+    assert GLOBAL_PASSES == 2
