@@ -74,7 +74,7 @@ def internal_halves(run: AbinitRun) -> np.ndarray:
 
 
 def full_pass(
-    run: AbinitRun, references, radius: float, local: bool, marginalise: bool | None = None, chunk: int = PASS_CHUNK
+    run: AbinitRun, references, radius: float, local: bool, marginalise: bool = True, chunk: int = PASS_CHUNK
 ) -> PassResult:
     """Search every particle against the reference and reconstruct the internal halves.
 
@@ -87,10 +87,10 @@ def full_pass(
     5.43 / 5.55 A vs truth; the internal FSC 0.143 stayed 8-10 % finer than the map's FSC
     0.5 vs truth either way), as every reference holds half the particles. radius: search
     band (Fourier pixels). Global search when ``local`` is False, else a local search
-    around the run's current poses. With ``marginalise`` (default: ``local``) and
-    ``settings.marginalise`` every particle is inserted at the most probable poses of a
-    neighbourhood of its best pose, weighted by their posterior probabilities. The
-    reconstruction uses all frequencies up to Nyquist. Sets the run's poses to the best ones found.
+    around the run's current poses. With ``marginalise`` and ``settings.marginalise`` every
+    particle is inserted at the most probable poses of a neighbourhood of its best pose,
+    weighted by their posterior probabilities. The reconstruction uses all frequencies up
+    to Nyquist. Sets the run's poses to the best ones found.
     """
     xp, s, box = run.xp, run.settings, run.geometry.box
     if not isinstance(references, (list, tuple)):
@@ -98,7 +98,7 @@ def full_pass(
     distinct = references[:1] if references[0] is references[1] else references
     grids = [volume_to_grid(xp.asarray(v), s.oversampling) for v in distinct]  # internal half h: grids[h % len]
     halves = internal_halves(run)
-    marginalise = s.marginalise and (local if marginalise is None else marginalise)
+    marginalise = s.marginalise and marginalise
     sums = [Backprojection.zeros(box, s.oversampling, xp, s.symmetry) for _ in range(2)]
     arrays = [a for bp in sums for a in (bp.data, bp.weight)]
     if run.memory_limit_bytes:  # the sums, their scratch copies and the references stay on the device
@@ -262,12 +262,13 @@ def run_passes(
             run.use_full_box()  # the SGD's model and noise model, from its real-space crop to the input box
             radius = pass_radius(run.geometry, n, bands.get(name), resolutions.get(name))
             reference = volumes[name] if n > 0 else run.model_map()
-            result = full_pass(run, reference, radius, local=n >= GLOBAL_PASSES, marginalise=n > 0)
+            local = n >= GLOBAL_PASSES
+            result = full_pass(run, reference, radius, local=local, marginalise=n > 0)
             volumes[name], bands[name], resolutions[name] = result.volume, radius, result.resolution
             seconds = time.time() - t0
             timings[f"pass {n + 1}"] = timings.get(f"pass {n + 1}", 0.0) + seconds
             log.info(
-                f"pass {n + 1}/{n_passes} ({name}, {'local' if n >= GLOBAL_PASSES else 'global'} search at "
+                f"pass {n + 1}/{n_passes} ({name}, {'local' if local else 'global'} search at "
                 f"{run.geometry.resolution_A(radius):.1f} A): internal-halves FSC 0.143 at "
                 f"{result.resolution:.2f} A, {seconds:.1f} s"
             )
