@@ -149,9 +149,9 @@ def _top_k(energies, k: int):
 
 
 def _band_radius(settings: SearchSettings, level: int) -> float:
-    steps = max(settings.final_level - settings.coarse_level, 1)
-    t = (level - settings.coarse_level) / steps
-    return settings.coarse_radius + t * (settings.final_radius - settings.coarse_radius)
+    """Band of a grid level: the coarse band, doubled with every level (its angular step halves), at most the
+    final band."""
+    return min(settings.final_radius, settings.coarse_radius * 2.0 ** (level - settings.coarse_level))
 
 
 def global_search(grid, oversampling: int, batch: ImageBatch, settings: SearchSettings) -> SearchResult:

@@ -12,18 +12,34 @@ import math
 import numpy as np
 
 from .geometry import MapGeometry
+from .particle_size import MASK_PER_R50
 from .pose_search import LocalSettings, NeighbourhoodSettings, SearchSettings
 from .so3 import grid_spacing
 
+COARSE_LEVEL = 2  # the global search's first Hopf level: 15 deg, 4,608 rotations
+COARSE_BAND_PER_R50 = 1.25  # the coarse level's finest resolution: this x its step (radians) x the particle's R50
+
 
 def global_settings(geometry: MapGeometry, radius: float, device_bytes: float) -> SearchSettings:
-    """Hopf levels (down to about 1/radius radians), band and shift grid of a global search."""
+    """Hopf levels (down to about 1/radius radians), bands and shift grid of a global search.
+
+    The coarse level scores the band up to :func:`coarse_resolution_A` (where its 15 deg step still holds the
+    particle's projections), each finer level twice that band, up to the whole band. Against the true map (PR LBD,
+    R50 20 A, box 64, 1.5 A/px, SNR 0.05, 1,000 images; coarse band 6.5 A), the fraction of images more than
+    45 deg wrong:
+
+    - at 10 A with white noise 6% (12% with the coarse level at 0.6 of the band, as before);
+    - at 10 A with noise 5x stronger below 25 A, as ice gives: 24% (44%);
+    - at 4.5 A with that noise 7.7% (9.1% at 0.6 of the band, 10% with the whole band at every level).
+
+    The coarse shift step stays a quarter period at 0.6 of the band: a finer one changed nothing.
+    """
     target = math.degrees(1.0 / max(radius, 1.0))
-    final_level = int(np.clip(math.ceil(math.log2(60.0 / target)), 2, 6))
-    coarse_radius = min(radius, max(6.0, 0.6 * radius))
-    step = float(np.clip(geometry.box / (4.0 * coarse_radius), 1.0, geometry.max_shift_px / 2))
+    final_level = int(np.clip(math.ceil(math.log2(60.0 / target)), COARSE_LEVEL, 6))
+    step = float(np.clip(geometry.box / (4.0 * min(radius, max(6.0, 0.6 * radius))), 1.0, geometry.max_shift_px / 2))
+    coarse_radius = min(radius, geometry.radius(coarse_resolution_A(geometry)))
     return SearchSettings(
-        coarse_level=2,
+        coarse_level=COARSE_LEVEL,
         final_level=final_level,
         beam=geometry.settings.beam,
         max_shift_px=geometry.max_shift_px,
@@ -35,6 +51,13 @@ def global_settings(geometry: MapGeometry, radius: float, device_bytes: float) -
         scale_invariant=geometry.settings.scale_invariant_search,
         symmetry=geometry.settings.symmetry,
     )
+
+
+def coarse_resolution_A(geometry: MapGeometry) -> float:
+    """The finest resolution the coarse level scores: a rotation by its step moves a point at the particle's
+    R50 (measured, else the window's radius / MASK_PER_R50) by 0.8 of that period."""
+    r50_px = geometry.particle_r50_px or geometry.mask_radius_px / MASK_PER_R50
+    return COARSE_BAND_PER_R50 * math.radians(grid_spacing(COARSE_LEVEL)) * r50_px * geometry.pixel_size_A
 
 
 def final_spacing_deg(geometry: MapGeometry, radius: float) -> float:
