@@ -100,13 +100,16 @@ def test_a_global_pass_moves_the_poses_a_local_pass_cannot_reach(tiny_set):
     assert np.median(errors[False][~wrong]) < 10.0
 
 
-def test_the_second_pass_is_global_at_most_at_0_6_of_the_sgd_resolution():
-    """Pass 1 searches at the SGD's resolution (10 A); pass 2 (global) at the resolution pass 1 reached but no finer
-    than 6 A; pass 3 (local) at the resolution pass 2 reached."""
+def test_the_second_pass_is_global_no_finer_than_6_A():
+    """Pass 1 searches at the SGD's resolution (7 A by default); pass 2 (global) at the resolution pass 1 reached but
+    no finer than 6 A, unless the SGD's band is finer; pass 3 (local) at the resolution pass 2 reached."""
     geometry = MapGeometry(256, 1.0, AbinitSettings())
-    assert geometry.resolution_A(pass_radius(geometry, 0, None, None)) == pytest.approx(10.0)
-    first = geometry.radius(10.0)
-    assert geometry.resolution_A(pass_radius(geometry, 1, first, 8.0)) == pytest.approx(8.0)
+    assert geometry.resolution_A(pass_radius(geometry, 0, None, None)) == pytest.approx(7.0)
+    first = geometry.radius(7.0)
+    assert geometry.resolution_A(pass_radius(geometry, 1, first, 6.5)) == pytest.approx(6.5)
     assert geometry.resolution_A(pass_radius(geometry, 1, first, 4.0)) == pytest.approx(6.0)
+    assert geometry.resolution_A(pass_radius(geometry, 1, first, 9.0)) == pytest.approx(7.0)  # never coarser
     assert geometry.resolution_A(pass_radius(geometry, 2, geometry.radius(6.0), 4.0)) == pytest.approx(4.0)
+    fine_sgd = MapGeometry(256, 1.0, AbinitSettings(sgd_resolution_A=5.0))
+    assert fine_sgd.resolution_A(pass_radius(fine_sgd, 1, fine_sgd.radius(5.0), 4.0)) == pytest.approx(5.0)
     assert GLOBAL_PASSES == 2

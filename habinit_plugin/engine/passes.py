@@ -2,7 +2,7 @@
 
 Every particle is searched over all poses against the SGD model (global search at the
 SGD's resolution), then over all poses again against the first pass's map at the band it
-reached (at most 0.6 of the SGD's resolution), then (passes 3 on) around its best pose
+reached (no finer than 6 A), then (passes 3 on) around its best pose
 against the previous pass's map (local search at increasing resolution), and
 reconstructed directly (Wiener, 2x padding). Two fixed internal halves of each map's
 particles are reconstructed apart; their FSC sets the Wiener prior and the band of the
@@ -49,7 +49,7 @@ from .symmetry import is_trivial
 log = logging.getLogger("habinit")
 
 GLOBAL_PASSES = 2  # passes searching every pose; the next search around each particle's best
-GLOBAL_FINEST = 0.6  # a global pass's band: at most this fraction of the SGD's resolution (6 A after 10 A)
+GLOBAL_FINEST_A = 6.0  # a global pass after the first searches no finer (unless the SGD's band is finer)
 PASS_CHUNK = 500  # particles searched and inserted at a time (fewer where the GPU budget needs it)
 
 
@@ -220,7 +220,7 @@ def next_radius(geometry: MapGeometry, radius: float, resolution: float) -> floa
 def pass_radius(geometry: MapGeometry, n: int, band: float | None, resolution: float | None) -> float:
     """Search band (Fourier pixels) of pass ``n`` (from 0), after a pass that searched ``band`` and reached
     ``resolution`` (A): the SGD's resolution for the first; then :func:`next_radius`, for a global pass no finer
-    than ``GLOBAL_FINEST`` times the SGD's resolution.
+    than ``GLOBAL_FINEST_A`` or, where that is finer, the SGD's resolution.
 
     A global search's cost grows with its band, and its gain is the particles it moves far: against the true
     map at SNR 0.05, 3% of the PR LBD's images are more than 45 deg wrong at 6 A and 1.3% at 4 A. At box 256
@@ -231,7 +231,7 @@ def pass_radius(geometry: MapGeometry, n: int, band: float | None, resolution: f
         return geometry.radius(geometry.sgd_resolution_A)
     radius = next_radius(geometry, band, resolution)
     if n < GLOBAL_PASSES:
-        radius = min(radius, geometry.radius(GLOBAL_FINEST * geometry.sgd_resolution_A))
+        radius = min(radius, max(geometry.radius(GLOBAL_FINEST_A), geometry.radius(geometry.sgd_resolution_A)))
     return radius
 
 

@@ -114,7 +114,7 @@ class AbinitSettings:
         "highest resolution searched (default Nyquist, finer is clamped)",
         above=0,
     )
-    sgd_resolution_A: float = parameter(10.0, "resolution where SGD hands over to full passes", above=0)
+    sgd_resolution_A: float = parameter(7.0, "resolution where SGD hands over to full passes", above=0)
     initial_batch: int = parameter(90, "initial minibatch size (particles)", minimum=1)
     final_batch: int = parameter(300, "final minibatch size (particles)", minimum=1)
     learning_rate: float = parameter(0.4, "initial learning rate of the SGD", above=0)

@@ -141,7 +141,9 @@ FORM_TEXT = {
     "sgdResolution": (
         "Resolution where SGD stops (A)",
         "Resolution at which stochastic gradient descent hands over to full passes over all particles "
-        "(orientation search on every particle, then a direct reconstruction of each half map).",
+        "(orientation search on every particle, then a direct reconstruction of each half map). 7 A by default: "
+        "with noise as ice gives (strongest at low resolution) a hand-over at 10 A left the particles' "
+        "orientations to be found in a band that holds little of their signal.",
     ),
     "numberOfFinalPasses": (
         "Full passes over all particles",
