@@ -12,10 +12,13 @@ RELION): at low SNR the best pose alone is noisy enough to cost resolution.
 
 The second global search is RELION's and cryoSPARC's practice (exhaustive searches until
 the map is good): at 10 A, searched against the true map, 12% of the PR LBD's images at SNR
-0.05 (box 64, 1.5 A/px) take a pose more than 45 deg wrong, and a local search never moves
-them; at 6 A 3%. With it the half maps came from 4.76 / 6.01 A to 4.59 / 4.58 A vs the
-truth (known poses 4.11 / 4.19 A), and more local passes did not do that (6.61 / 6.39 A
-after four).
+0.05 (box 64, 1.5 A/px) took a pose more than 45 deg wrong (6% since the coarse level scores
+a wider band, :func:`.search_policy.global_settings`), and a local search never moves them;
+at 6 A 3%. With it the half maps came from 4.76 / 6.01 A to 4.59 / 4.58 A vs the truth (known
+poses 4.11 / 4.19 A), and more local passes did not do that (6.61 / 6.39 A after four). More
+global passes did not help either: with noise as ice gives, the passes settle on a map that
+agrees with itself (3 global passes 6.91 / 6.80 A, 6 passes 7.32 / 7.28 A, against 7.04 /
+6.91 A with 2, after a 10 A SGD); a longer SGD (7 A) did (6.17 / 6.03 A).
 
 :func:`run_passes` is the loop both jobs use; a map reads nothing of another map.
 """
