@@ -234,7 +234,7 @@ def pass_radius(geometry: MapGeometry, n: int, band: float | None, resolution: f
         return geometry.radius(geometry.sgd_resolution_A)
     radius = next_radius(geometry, band, resolution)
     if n < GLOBAL_PASSES:
-        radius = min(radius, max(geometry.radius(GLOBAL_FINEST_A), geometry.radius(geometry.sgd_resolution_A)))
+        radius = min(radius, geometry.radius(min(GLOBAL_FINEST_A, geometry.sgd_resolution_A)))
     return radius
 
 
