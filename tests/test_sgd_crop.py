@@ -16,10 +16,11 @@ from scipy.spatial.transform import Rotation
 from fixtures import TINY, TINY_PIXEL_SIZE
 from habinit_plugin.engine import density
 from habinit_plugin.engine.abinit import AbinitRun
+from habinit_plugin.engine.align3d import Alignment, transform_map
 from habinit_plugin.engine.ctf import CTFParams
 from habinit_plugin.engine.fourier import fill_spectra, half_plane_frequencies, image_irfft, pad_volume, phase_shift
 from habinit_plugin.engine.geometry import MapGeometry
-from habinit_plugin.engine.gold_standard import GoldStandardJob
+from habinit_plugin.engine.gold_standard import GoldStandardJob, monitor_entry
 from habinit_plugin.engine.jobs import single_abinit_job
 from habinit_plugin.engine.minibatch import image_batch, image_spectra
 from habinit_plugin.engine.mrc import read_map
@@ -241,3 +242,20 @@ def test_two_workers_on_a_cropped_set_give_the_one_process_result_bit_for_bit(pa
         assert mine["resolution_0143"] == pytest.approx(theirs["resolution_0143"], rel=0.01)
     with mrcfile.open(two / "half_map_A.mrc") as mrc:
         assert mrc.data.shape == (PADDED_BOX,) * 3
+
+
+def test_the_monitor_compares_the_models_on_the_crop_they_span():
+    """Two noisy maps (noise twice the signal's sd) zero outside the central 36 of 64 px, B a turned copy of A:
+    compared on that 36-px box (the extent the SGD's crops give) they have the alignment, hand and GS-FSC of the
+    whole box."""
+    rng = np.random.default_rng(3)
+    inner = density.bundled_protein_map(32, TINY_PIXEL_SIZE)
+    turn = Alignment(matrix=Rotation.from_euler("zyz", [30, 50, 10], degrees=True).as_matrix())
+    noisy = [v + 2.0 * v.std() * rng.standard_normal(v.shape).astype(np.float32) for v in (inner, inner)]
+    map_a, map_b = (pad_volume(pad_volume(v, 36), 64) for v in (noisy[0], transform_map(noisy[1], turn)))
+    whole = monitor_entry(map_a, map_b, TINY_PIXEL_SIZE, "C1", 6, 10.0, transform_map)
+    cropped = monitor_entry(map_a, map_b, TINY_PIXEL_SIZE, "C1", 6, 10.0, transform_map, extent_fraction=36 / 64)
+    assert whole["mirrored"] is cropped["mirrored"] is False
+    assert 9.0 < whole["resolution_0143"] < 13.0  # inside the band: a crop that cut the maps would move it
+    for key in ("resolution_0143", "resolution_05"):
+        assert cropped[key] == pytest.approx(whole[key], rel=0.06), key

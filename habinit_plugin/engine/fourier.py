@@ -126,8 +126,8 @@ def phase_shift(freqs, shifts, box: int):
 
 def radial_shells(shape, xp=np):
     """Integer radius (rounded) of every voxel of a centred FT grid of ``shape``."""
-    grids = xp.meshgrid(*[xp.arange(n) - n // 2 for n in shape], indexing="ij")
-    radius = xp.sqrt(sum(g.astype(xp.float32) ** 2 for g in grids))
+    squares = xp.ix_(*[(xp.arange(n) - n // 2).astype(xp.float32) ** 2 for n in shape])  # broadcast, not copied
+    radius = xp.sqrt(sum(squares))
     return xp.rint(radius).astype(xp.int32)
 
 
@@ -172,6 +172,13 @@ def pad_volume(volume, new_box: int):
     lo = new_box // 2 - box // 2
     out[lo : lo + box, lo : lo + box, lo : lo + box] = volume
     return out
+
+
+def crop_volume(volume, new_box: int):
+    """The central (new_box,)*3 of a real map (n, n, n) (voxel n//2 lands on new_box//2; same pixel size):
+    :func:`pad_volume` undone. n and new_box even, new_box <= n."""
+    lo = volume.shape[0] // 2 - new_box // 2
+    return volume[lo : lo + new_box, lo : lo + new_box, lo : lo + new_box]
 
 
 def soft_sphere(box: int, radius: float, width: float = 3.0, xp=np, ndim: int = 3):

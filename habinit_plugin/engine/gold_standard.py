@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from .abinit import AbinitRun, run_sgd
 from .align3d import Alignment, align_maps, apply_to_poses, transform_map
 from .backend import device_name, to_numpy
 from .checkpoint import Checkpoint
+from .fourier import crop_volume
 from .fsc import fsc, resolution_at
 from .halves import assign_half_sets
 from .outputs import CHECKPOINT
@@ -263,7 +265,10 @@ class GoldStandardJob:
         px = self.particles.pixel_size * self.particles.box / box
         symmetry = self.runs["A"].settings.symmetry  # C1 in an SGD phase before the symmetry is found
         working_resolution = self.runs["A"].schedule.resolution(iteration - 1)
-        entry = monitor_entry(map_a, map_b, px, symmetry, iteration, working_resolution, self._transform, self.xp)
+        extent = max(sgd_extent_fraction(run) for run in self.runs.values())
+        entry = monitor_entry(
+            map_a, map_b, px, symmetry, iteration, working_resolution, self._transform, self.xp, extent
+        )
         self.state["history"].append(entry)
         self._add_time("alignment", time.time() - t0)
         log_monitor(entry, time.time() - t0)
@@ -359,9 +364,17 @@ def monitor_entry(
     working_resolution_A: float,
     transform,
     xp=np,
+    extent_fraction: float = 1.0,
 ) -> dict:
     """The history entry of the SGD monitor: B's model aligned onto A's (both host maps of one box at
-    ``pixel_size_A``) and their gold-standard FSC. ``transform(volume, alignment)`` moves a host map."""
+    ``pixel_size_A``) and their gold-standard FSC. ``transform(volume, alignment)`` moves a host map.
+
+    extent_fraction: the fraction of the box (per axis) outside which both models are zero (the SGD's
+    real-space crops, :func:`sgd_extent_fraction`): the maps are compared on that central box, which holds
+    all of both models at a fifth of the cost for a crop of 0.56 (144 of 256 px).
+    """
+    box = min(map_a.shape[0], 2 * math.ceil(map_a.shape[0] * extent_fraction / 2))
+    map_a, map_b = crop_volume(map_a, box), crop_volume(map_b, box)
     alignment = align_maps(map_a, map_b, pixel_size_A, xp=xp, symmetry=symmetry)
     curve = fsc(map_a, transform(map_b, alignment))
     return {
@@ -372,6 +385,12 @@ def monitor_entry(
         "working_resolution": working_resolution_A,
         "mirrored": alignment.mirrored,
     }
+
+
+def sgd_extent_fraction(run: AbinitRun) -> float:
+    """The fraction of the input box (per axis) the run's SGD model spans: its real-space crop over the input
+    box (1 on the input box); :meth:`.AbinitRun.model_map` is zero outside it."""
+    return run.geometry.box / run.input_particles.box
 
 
 def log_monitor(entry: dict, seconds: float) -> None:

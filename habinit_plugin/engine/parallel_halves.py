@@ -65,6 +65,7 @@ from .gold_standard import (
     log_monitor,
     monitor_entry,
     pass_entry,
+    sgd_extent_fraction,
     symmetry_warning,
 )
 from .outputs import CHECKPOINT, OutputError, atomic_write, read_json, write_json
@@ -206,6 +207,7 @@ class HalfWorker(GoldStandardJob):
             pixel_size_A=px,
             symmetry=run.settings.symmetry,
             working_resolution_A=run.schedule.resolution(iteration - 1),
+            extent_fraction=sgd_extent_fraction(run),
         )
 
     def _symmetry_after_sgd(self) -> None:
@@ -530,8 +532,17 @@ class ParallelHalvesJob:
         map_a, map_b = (m if m.shape[0] == box else to_numpy(resample_volume(m, box)) for m in (map_a, map_b))
         px = self.particles.pixel_size * self.particles.box / box
         t0 = time.time()
+        extent = max(float(m.get("extent_fraction", 1.0)) for m in (a, b))  # snapshots before it: the whole box
         entry = monitor_entry(
-            map_a, map_b, px, str(a["symmetry"]), iteration, float(a["working_resolution_A"]), self._transform, self.xp
+            map_a,
+            map_b,
+            px,
+            str(a["symmetry"]),
+            iteration,
+            float(a["working_resolution_A"]),
+            self._transform,
+            self.xp,
+            extent,
         )
         self.state["history"].append(entry)
         self.state["history"].sort(key=lambda e: e["iteration"])
