@@ -18,6 +18,7 @@ TINY = {
     "initial_batch": 24,
     "final_batch": 40,
     "n_final_passes": 2,
+    "sgd_resolution_A": 10.0,  # the default (7 A) takes the box-32 SGD to Nyquist at twice the cost
 }
 
 

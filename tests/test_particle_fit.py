@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import mannwhitneyu
 
 from fixtures import TINY
 from habinit_plugin.engine import density
+from habinit_plugin.engine.abinit import AbinitRun
 from habinit_plugin.engine.fourier import half_plane_frequencies, image_irfft, image_rfft
 from habinit_plugin.engine.jobs import gold_standard_job
 from habinit_plugin.engine.minibatch import image_batch
 from habinit_plugin.engine.mrc import new_stack, read_map
 from habinit_plugin.engine.normalisation import ImageNormalisation, measure_stack
-from habinit_plugin.engine.particle_fit import fit_best_pose, per_shell, shell_counts
+from habinit_plugin.engine.particle_fit import FIT_BAND_START, fit_best_pose, per_shell, score_band_start, shell_counts
 from habinit_plugin.engine.particles import ParticleError, load_particles
 from habinit_plugin.engine.passes import PassFits
+from habinit_plugin.engine.pose_search import global_search
 from habinit_plugin.engine.projector import volume_to_grid
+from habinit_plugin.engine.search_policy import global_settings
 from habinit_plugin.engine.settings import AbinitSettings, JobSettings
-from habinit_plugin.engine.simulate import SimulationSettings, clean_images, random_poses
+from habinit_plugin.engine.simulate import SimulationSettings, clean_images, random_poses, simulate_dataset
 
 BOX, PIXEL_SIZE = 32, 3.6
 
@@ -172,3 +176,31 @@ def test_sgd_leaves_out_the_images_that_fit_worst_and_scales_the_rest(tiny_set):
     kept, scales = run._best_fitting(batch, result, radius)
     assert kept.sum() == 32 and set(np.flatnonzero(kept == 0)) <= set(empty)
     assert np.median(scales[empty]) < 0.5 * np.median(np.delete(scales, empty))  # their best pose fits noise
+
+
+def test_the_score_from_the_particles_r50_separates_junk_better_than_the_scales_band(tmp_path):
+    """Junk (half empty picks, half lumps of the particle's size) searched over all poses against the true map
+    at 5 A, SNR 0.1 with noise as ice gives: the score from the particle's R50 to the search band separates
+    it from the particles better than the score on the band's upper half (the scale's band), and well."""
+    volume = density.bundled_protein_map(48, 2.4)
+    effects = {"junk_fraction": 0.4, "noise_colour": 4.0}
+    simulate_dataset(volume, 2.4, tmp_path, SimulationSettings(n_particles=300, snr=0.1, seed=11, **effects))
+    particles = load_particles(tmp_path / "particles.star")
+    junk = np.load(tmp_path / "truth.npz")["is_junk"].astype(bool)
+    run = AbinitRun(particles, AbinitSettings(seed=11))
+    run.use_full_box()
+    radius = run.geometry.radius(5.0)
+    grid = volume_to_grid(volume, 2)
+    batch = run.image_batch(np.arange(len(particles)), run.geometry.r_limit)
+    found = global_search(grid, 2, batch.within(radius), global_settings(run.geometry, radius, run.device_bytes))
+    poses = found.rotations[:, 0], found.origins[:, 0]
+    start = score_band_start(run.geometry, radius)
+    assert start < 0.8 * FIT_BAND_START * radius  # the R50 is coarser than half the search band here
+    upper_half = fit_best_pose(grid, 2, batch, *poses, radius)
+    from_r50 = fit_best_pose(grid, 2, batch, *poses, radius, start)
+    assert np.array_equal(from_r50.scale, upper_half.scale)
+    auc = {  # the probability that a particle scores above a junk image
+        name: mannwhitneyu(fit.score[~junk], fit.score[junk]).statistic / (junk.sum() * (~junk).sum())
+        for name, fit in (("half", upper_half), ("r50", from_r50))
+    }
+    assert auc["r50"] > 0.93 and auc["r50"] > auc["half"] + 0.03, auc

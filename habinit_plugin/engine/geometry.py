@@ -81,6 +81,11 @@ class MapGeometry:
         return min(0.45 * self.sized_box, MASK_PER_R50 * self.particle_r50_px)
 
     @property
+    def r50_px(self) -> float:
+        """The particle's R50 (pixels): measured, else the window's radius / :data:`.particle_size.MASK_PER_R50`."""
+        return self.particle_r50_px or self.mask_radius_px / MASK_PER_R50
+
+    @property
     def max_shift_px(self) -> float:
         """Largest shift searched: the setting, else 0.1 box or 0.3 of the mask radius if that is smaller."""
         if self.settings.max_shift_A is not None:

@@ -41,7 +41,7 @@ from .geometry import MapGeometry
 from .gpu_budget import chunk_size_for_budget, particle_bytes
 from .minibatch import ImageBatch
 from .oom import OOMSplitter, StagedSum
-from .particle_fit import ParticleFit, fit_best_pose, normalised_scales, shell_counts
+from .particle_fit import ParticleFit, fit_best_pose, normalised_scales, score_band_start, shell_counts
 from .pose_search import global_search, local_search, neighbourhood_search
 from .projector import volume_to_grid
 from .reconstruct import Backprojection, tau2_from_fsc, wiener_map
@@ -123,7 +123,8 @@ def full_pass(
             result = _search(run, reference, scaled.within(radius), index[rows], radius, local, marginalise)
             rotations[index[rows]] = result.rotations[:, 0]
             origins[index[rows]] = result.origins[:, 0]
-            fit = fit_best_pose(reference, s.oversampling, mine, rotations[index[rows]], origins[index[rows]], radius)
+            poses = rotations[index[rows]], origins[index[rows]]
+            fit = fit_best_pose(reference, s.oversampling, mine, *poses, radius, score_band_start(run.geometry, radius))
             fits.record(index[rows], fit, result.weights(1.0)[:, 0] if marginalise else np.ones(len(rows)))
             target = Backprojection(targets[2 * h], targets[2 * h + 1], box, s.oversampling)
             _insert(target, scaled, result, marginalise)

@@ -12,7 +12,6 @@ import math
 import numpy as np
 
 from .geometry import MapGeometry
-from .particle_size import MASK_PER_R50
 from .pose_search import LocalSettings, NeighbourhoodSettings, SearchSettings
 from .so3 import grid_spacing
 
@@ -55,9 +54,8 @@ def global_settings(geometry: MapGeometry, radius: float, device_bytes: float) -
 
 def coarse_resolution_A(geometry: MapGeometry) -> float:
     """The finest resolution the coarse level scores: a rotation by its step moves a point at the particle's
-    R50 (measured, else the window's radius / MASK_PER_R50) by 0.8 of that period."""
-    r50_px = geometry.particle_r50_px or geometry.mask_radius_px / MASK_PER_R50
-    return COARSE_BAND_PER_R50 * math.radians(grid_spacing(COARSE_LEVEL)) * r50_px * geometry.pixel_size_A
+    R50 (:attr:`.MapGeometry.r50_px`) by 0.8 of that period."""
+    return COARSE_BAND_PER_R50 * math.radians(grid_spacing(COARSE_LEVEL)) * geometry.r50_px * geometry.pixel_size_A
 
 
 def final_spacing_deg(geometry: MapGeometry, radius: float) -> float:
