@@ -73,8 +73,9 @@ def score_band_start(geometry: MapGeometry, radius: float) -> float:
     Below it anything of the particle's size and mass looks like it; above it an empty pick has no signal
     where the particle has most. At the job's poses and against its half maps on the 15% junk set of
     bench/real_data.py (PR LBD, R50 about 20 A, search band 6 A, SNR 0.05, coloured noise), the area under the
-    ROC curve of the score for junk, by the band's start: 40 A 0.78 (lumps 0.57: they pass as particles), 25 A 0.97, 20 A 0.96, 16 A
-    0.94, 12 A (the upper half of the search band, the scale's) 0.89 (empty picks 0.82).
+    ROC curve of the score for junk, by the band's start: 40 A 0.78 (lumps 0.57: they pass as particles),
+    25 A 0.97, 20 A 0.96, 16 A 0.94, 12 A (the upper half of the search band, the scale's) 0.89 (empty picks
+    0.82).
     """
     return min(geometry.radius(geometry.r50_px * geometry.pixel_size_A), FIT_BAND_START * radius)
 
