@@ -35,7 +35,7 @@ FIT_BAND_START = 0.5  # the scale's band starts at this x the search band
 
 @dataclass
 class ParticleFit:
-    """Per particle (B,): scale, score, cross and CTF terms; residual_power (B, n_shells) summed
+    """Per particle (B,): scale, score, cross and CTF terms (on the scale's band); residual_power (B, n_shells) summed
     over each integer shell's half-plane frequencies (Hermitian-weighted, as full-plane sums)."""
 
     scale: np.ndarray
@@ -94,11 +94,12 @@ def fit_best_pose(
     proj = project(grid, slice_coordinates(xp.asarray(rotations, dtype=xp.float32), batch.freqs), oversampling)
     centred = batch.spectra * phase_shift(batch.freqs, xp.asarray(origins), batch.box)
     model = batch.ctf * proj
-    cross, ctf_term = _fit_terms(batch, centred, model, FIT_BAND_START * radius, radius)
+    scale_from = FIT_BAND_START * radius
+    cross, ctf_term = _fit_terms(batch, centred, model, scale_from, radius)
     scale = np.clip(cross / np.maximum(ctf_term, 1e-30), MIN_SCALE, MAX_SCALE)
-    if score_from is not None:
-        cross, ctf_term = _fit_terms(batch, centred, model, score_from, radius)
-    score = 0.5 * np.maximum(cross, 0.0) ** 2 / np.maximum(ctf_term, 1e-30)
+    same_band = score_from is None or score_from == scale_from
+    score_cross, score_ctf = (cross, ctf_term) if same_band else _fit_terms(batch, centred, model, score_from, radius)
+    score = 0.5 * np.maximum(score_cross, 0.0) ** 2 / np.maximum(score_ctf, 1e-30)
     residual = centred - xp.asarray(scale, dtype=xp.float32)[:, None] * model
     hermitian = xp.asarray(np.where(batch.radii == 0, 1.0, 2.0), dtype=xp.float32)
     power = (residual.real**2 + residual.imag**2) * hermitian
