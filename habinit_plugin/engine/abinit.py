@@ -29,7 +29,7 @@ from .fourier import half_plane_frequencies, hermitian_weights, pad_volume, resa
 from .geometry import MapGeometry
 from .gpu_budget import candidate_bytes
 from .minibatch import ImageBatch, image_batch, image_spectra
-from .particle_fit import fit_best_pose, normalised_scales
+from .particle_fit import fit_best_pose, normalised_scales, score_band_start
 from .particle_set import CroppedParticles
 from .particle_size import particle_r50_px
 from .particle_size import sample_rows as particle_size_sample
@@ -294,14 +294,15 @@ class AbinitRun:
     def _best_fitting(self, batch: ImageBatch, result, radius: float) -> tuple[np.ndarray, np.ndarray | None]:
         """(kept, scales) of the minibatch's images at their best poses (:func:`.particle_fit.fit_best_pose`):
         kept (B,) is 1 for the images that enter the update, 0 for the ``minibatch_trim`` fraction whose best
-        pose explains least of them (junk); scales (B,) their signal scales (median 1) with ``sgd_scale``, else
-        None."""
+        pose explains least of them (junk), by the passes' score (from the particle's R50,
+        :func:`.particle_fit.score_band_start`); scales (B,) their signal scales (median 1) with ``sgd_scale``,
+        else None."""
         trim = self.settings.minibatch_trim
         if trim <= 0 and not self.settings.sgd_scale:
             return np.ones(len(result.rotations)), None
-        fit = fit_best_pose(
-            self.grid, self.settings.oversampling, batch, result.rotations[:, 0], result.origins[:, 0], radius
-        )
+        rotations, origins = result.rotations[:, 0], result.origins[:, 0]
+        score_from = score_band_start(self.geometry, radius)
+        fit = fit_best_pose(self.grid, self.settings.oversampling, batch, rotations, origins, radius, score_from)
         kept = (fit.score > np.quantile(fit.score, trim)).astype(np.float64) if trim > 0 else np.ones(len(fit.score))
         return kept, normalised_scales(fit.scale) if self.settings.sgd_scale else None
 
